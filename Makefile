@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the whole job on the embedded fake CelebA) and `make test`.
+# Both create .venv when missing and install the exact versions of requirements.lock (idempotent: a stamp file
+# records the lock that was installed). torch==2.13.0 there resolves to the local CPU wheel on these machines.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-lock
+DEMO := demo
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
+	@cp requirements.lock $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15
+
+demo: $(STAMP)
+	$(PY) demo.py --out $(DEMO)
+
+bench: $(STAMP)
+	$(PY) bench/shards.py --json bench/shards.json
+	$(PY) bench/loader.py --json bench/loader.json
+
+clean-demo:
+	rm -rf $(DEMO)
