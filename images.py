@@ -1,0 +1,59 @@
+"""Image batches in [-1, 1] -> uint8 pictures and grid PNGs, written atomically (used by train.py and sample.py)."""
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,C,H,W] floats in [-1, 1] (C = 1 or 3) -> [B,H,W,C] uint8 in 0..255 (rounded, clipped)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape [B,C,H,W], got {tuple(images.shape)}")
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> np.ndarray:
+    """[B,C,H,W] in [-1, 1] -> one [rows*(H+p)+p, nrow*(W+p)+p, C] uint8 picture, row-major, `nrow` per row."""
+    pics = to_uint8(images)
+    b, h, w, c = pics.shape
+    ncol = max(1, min(nrow, b))
+    nrows = max(1, math.ceil(b / ncol))
+    grid = np.full((nrows * (h + padding) + padding, ncol * (w + padding) + padding, c), pad_value, np.uint8)
+    for i in range(b):
+        r, k = divmod(i, ncol)
+        y, x = padding + r * (h + padding), padding + k * (w + padding)
+        grid[y:y + h, x:x + w] = pics[i]
+    return grid
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` via a fsynced temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:
+    """Save [B,C,H,W] images in [-1, 1] as one PNG grid with `nrow` images per row, atomically."""
+    grid = make_grid(images, nrow=nrow, padding=padding)
+    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return atomic_write_bytes(buf.getvalue(), path)
