@@ -1,0 +1,421 @@
+"""The Gaussian diffusion: noise schedule, training loss and the DDPM / DDIM samplers.
+
+Notation follows DDPM (Ho et al. 2020) and improved-diffusion: beta_t the per-step noise variance, alpha_t = 1 - beta_t,
+alpha_bar_t = prod_{s<=t} alpha_s, and
+    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I),
+with t an index in 0..T-1 (index 0 is the first noising step). The schedule lives in float64 buffers; all maths runs
+in float32 or float64 outside autocast, and only the model call runs in the caller's precision.
+
+The model is any callable `model(x_t, t, cond=...)` returning a tensor shaped like x_t: the predicted noise eps, the
+velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, or x_0 itself, depending on `objective`. The timestep
+passed to it is always the original index in 0..T-1, also when a sampler uses fewer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import track
+from torch import nn
+
+Model = Callable[..., torch.Tensor]
+
+SCHEDULES = ("linear", "cosine")
+OBJECTIVES = ("eps", "v", "x0")
+SAMPLERS = ("ddpm", "ddim")
+
+
+def linear_betas(timesteps: int) -> np.ndarray:
+    """DDPM's linear schedule, 1e-4 to 0.02 over 1000 steps, scaled by 1000/T so other T keep the same endpoints."""
+    scale = 1000.0 / timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+
+
+def cosine_alpha_bar(u: np.ndarray | float, s: float = 0.008) -> np.ndarray:
+    """Nichol and Dhariwal's cosine alpha_bar at continuous time u in [0, 1]: f(u) / f(0), f(u) = cos^2(pi/2 (u+s)/(1+s))."""
+    f = lambda v: np.cos((np.asarray(v, dtype=np.float64) + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(u) / f(0.0)
+
+
+def cosine_betas(timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """beta_t = 1 - alpha_bar((t+1)/T) / alpha_bar(t/T), clipped at max_beta to avoid a singularity at the end."""
+    u = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+    abar = cosine_alpha_bar(u)
+    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
+def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+    """The original timesteps a `steps`-step sampler visits, ascending, int64.
+
+    "uniform": round(i * T / steps), i = 0..steps-1 (DDIM's range(0, T, T // steps) when steps divides T);
+    "quadratic": int(linspace(0, sqrt(0.8 T), steps)^2) as in the DDIM code, duplicates (near 0) removed, so a few
+    fewer steps may result when `steps` is large.
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"diffusion: steps must be in 1..{timesteps}, got {steps}")
+    if spacing == "uniform":
+        ts = np.round(np.arange(steps) * (timesteps / steps))
+    elif spacing == "quadratic":
+        ts = np.linspace(0, math.sqrt(timesteps * 0.8), steps) ** 2
+    else:
+        raise ValueError(f"diffusion: unknown spacing {spacing!r} (choose uniform or quadratic)")
+    return np.unique(ts.astype(np.int64))
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal float32 noise on `device`, drawn from `generator` (on the generator's own device if it differs)."""
+    if generator is None or generator.device == device:
+        return torch.randn(shape, generator=generator, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws on `device` from `generator`, as _randn."""
+    if generator is None or generator.device == device:
+        return torch.rand(shape, generator=generator, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Switch autocast off for the maths that follows (it is a no-op where autocast is not running)."""
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _model_device(model: Model, *tensors: torch.Tensor | None) -> torch.device | None:
+    """The device to sample on: of the first given tensor, else of the model's first parameter, else None."""
+    for x in tensors:
+        if x is not None:
+            return x.device
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+class GaussianDiffusion(nn.Module):
+    """Forward process, loss and samplers for one noise schedule; `GaussianDiffusion(**d.config)` rebuilds it.
+
+    timesteps: T, the number of noising steps; schedule: "linear" or "cosine"; objective: what the model predicts,
+    "eps", "v" or "x0"; min_snr_gamma: if set, weight the loss by Hang et al.'s min-SNR-gamma (e.g. 5.0).
+    """
+
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear", objective: str = "eps",
+                 min_snr_gamma: float | None = None):
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"diffusion: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"diffusion: unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+        if timesteps < 1:
+            raise ValueError(f"diffusion: timesteps must be >= 1, got {timesteps}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"diffusion: min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.config: dict[str, Any] = dict(timesteps=int(timesteps), schedule=schedule, objective=objective,
+                                           min_snr_gamma=None if min_snr_gamma is None else float(min_snr_gamma))
+        self.num_timesteps = int(timesteps)
+        self.objective = objective
+        self.min_snr_gamma = min_snr_gamma
+
+        betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance) (DDPM eq. 6-7).
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+            posterior_variance=posterior_variance,
+            # The variance is 0 at t=0; its log is clipped to the t=1 value (improved-diffusion).
+            posterior_log_variance_clipped=np.log(np.append(posterior_variance[1:2], posterior_variance[1:])),
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),
+        )
+        # Derived from the config, so not saved in state dicts; float64 so the products above stay exact.
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.from_numpy(value), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """values[t] as [B, 1, ..., 1] to broadcast against x, float32 (float64 when x is float64).
+
+        values: [T] float64 buffer, t: [B] long, x: [B, ...].
+        """
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = values.to(t.device)[t].to(dtype)
+        return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at indices t [B] (float64), with alpha_bar = 1 at index -1 (the clean data)."""
+        ab = self.alphas_cumprod.to(t.device)
+        return torch.where(t >= 0, ab[t.clamp(min=0)], torch.ones_like(ab[:1]))
+
+    # --------------------------------------------------------------------------------------- forward process
+
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean [B, ...] and variance [B, 1, ...] of q(x_t | x_0)."""
+        x0 = x0.float() if x0.dtype != torch.float64 else x0
+        return self._extract(self.sqrt_alphas_cumprod, t, x0) * x0, self._extract(1.0 - self.alphas_cumprod, t, x0)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise. x0, noise: [B, ...], t: [B]."""
+        if noise is None:
+            noise = torch.randn_like(x0, dtype=torch.float32)
+        with _no_autocast(x0.device):
+            x0 = x0.float() if x0.dtype != torch.float64 else x0
+            return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                    + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise.to(x0.dtype))
+
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean [B, ...], variance and log variance [B, 1, ...] of q(x_{t_prev} | x_t, x_0).
+
+        t_prev defaults to t - 1 (the trained chain, from the precomputed buffers). A respaced sampler passes its
+        previous visited step instead (-1 for the clean data); the formula is then DDPM's posterior for the two-step
+        chain with alpha = alpha_bar_t / alpha_bar_prev, which is what recomputing the betas of the respaced schedule
+        gives (improved-diffusion's SpacedDiffusion).
+        """
+        x0 = x0.float() if x0.dtype != torch.float64 else x0
+        xt = xt.to(x0.dtype)
+        if t_prev is None:
+            mean = (self._extract(self.posterior_mean_coef1, t, xt) * x0
+                    + self._extract(self.posterior_mean_coef2, t, xt) * xt)
+            return (mean, self._extract(self.posterior_variance, t, xt),
+                    self._extract(self.posterior_log_variance_clipped, t, xt))
+        ab, ab_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        alpha = ab / ab_prev
+        coef1 = ab_prev.sqrt() * (1.0 - alpha) / (1.0 - ab)
+        coef2 = alpha.sqrt() * (1.0 - ab_prev) / (1.0 - ab)
+        var = (1.0 - alpha) * (1.0 - ab_prev) / (1.0 - ab)
+        shape = (t.shape[0],) + (1,) * (xt.ndim - 1)
+        as_x = lambda v: v.to(xt.dtype).reshape(shape)  # noqa: E731
+        log_var = torch.log(var.clamp(min=1e-20))
+        return as_x(coef1) * x0 + as_x(coef2) * xt, as_x(var), as_x(log_var)
+
+    # ----------------------------------------------------------------------- conversions between predictions
+
+    def predict_x0_from_eps(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+
+    def predict_eps_from_x0(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt - x0)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, xt))
+
+    def predict_v(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The velocity target v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans and Ho 2022)."""
+        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * eps
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
+
+    def predict_x0_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
+        return (self._extract(self.sqrt_alphas_cumprod, t, xt) * xt
+                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * v)
+
+    def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v."""
+        return (self._extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt
+                + self._extract(self.sqrt_alphas_cumprod, t, xt) * v)
+
+    def predict_x0(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 from the model's output under this diffusion's objective."""
+        if self.objective == "eps":
+            return self.predict_x0_from_eps(xt, t, output)
+        if self.objective == "v":
+            return self.predict_x0_from_v(xt, t, output)
+        return output
+
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model should output for x_t = q_sample(x0, t, noise) under this objective."""
+        if self.objective == "eps":
+            return noise
+        if self.objective == "v":
+            return self.predict_v(x0, t, noise)
+        return x0
+
+    # --------------------------------------------------------------------------------------- the model's side
+
+    def model_output(self, model: Model, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
+                     guidance: float = 1.0) -> torch.Tensor:
+        """The model's float32 output for x_t [B, ...] at original timesteps t [B].
+
+        With `cond` and guidance != 1, classifier-free guidance: one batched forward of the conditional rows and the
+        null rows (cond = -1), combined as null + guidance * (cond - null).
+        """
+        if cond is not None and guidance != 1.0:
+            both = model(torch.cat([xt, xt]), torch.cat([t, t]), cond=torch.cat([cond, torch.full_like(cond, -1)]))
+            out_c, out_u = both.float().chunk(2)
+            return out_u + guidance * (out_c - out_u)
+        return model(xt, t, cond=cond).float()
+
+    def p_mean_variance(
+        self,
+        model: Model,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        clip_denoised: bool = True,
+        guidance: float = 1.0,
+        t_prev: torch.Tensor | None = None,
+        variance: str = "fixed_small",
+    ) -> dict[str, torch.Tensor]:
+        """The reverse step p(x_{t_prev} | x_t) = q(x_{t_prev} | x_t, x0_hat), x0_hat predicted by the model.
+
+        xt: [B, ...], t: [B] original timesteps, t_prev: previous visited timesteps (default t - 1).
+        variance: "fixed_small" (the posterior variance, the lower bound) or "fixed_large" (beta, the upper bound).
+        Returns "mean", "variance", "log_variance", "pred_x0" and "pred_eps" (the eps consistent with the possibly
+        clipped x0), all float32.
+        """
+        if variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"diffusion: unknown variance {variance!r} (choose fixed_small or fixed_large)")
+        output = self.model_output(model, xt, t, cond, guidance)
+        with _no_autocast(xt.device):
+            xt = xt.float()
+            pred_x0 = self.predict_x0(output, xt, t)
+            if clip_denoised:
+                pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            pred_eps = self.predict_eps_from_x0(xt, t, pred_x0)
+            if t_prev is None:
+                t_prev = t - 1
+            mean, var, log_var = self.q_posterior_mean_variance(pred_x0, xt, t, t_prev)
+            if variance == "fixed_large":
+                # beta of the (possibly respaced) step; at the last step no noise is added, so its value is moot.
+                beta = 1.0 - self._alpha_bar(t) / self._alpha_bar(t_prev)
+                var = beta.float().reshape(var.shape)
+                log_var = torch.log(var.clamp(min=1e-20))
+        return dict(mean=mean, variance=var, log_variance=log_var, pred_x0=pred_x0, pred_eps=pred_eps)
+
+    # ------------------------------------------------------------------------------------------------- loss
+
+    def loss(self, model: Model, x0: torch.Tensor, cond: torch.Tensor | None = None, p_uncond: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean over the batch of the (min-SNR weighted) MSE between model output and target at uniform t.
+
+        x0: [B, C, H, W] data in [-1, 1]; cond: optional [B, D] attributes, each row replaced by -1 (null) with
+        probability p_uncond for classifier-free guidance; generator: for t, noise and the dropout draws.
+        The model call runs under the caller's autocast; the target and the squared error in float32.
+        """
+        b, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator,
+                          device=generator.device if generator is not None else device).to(device)
+        noise = _randn(tuple(x0.shape), generator, device)
+        if cond is not None and p_uncond > 0:
+            drop = _rand((b,), generator, device) < p_uncond
+            cond = torch.where(drop[:, None], torch.full_like(cond, -1), cond)
+        xt = self.q_sample(x0, t, noise)
+        output = model(xt, t, cond=cond)
+        with _no_autocast(device):
+            target = self.training_target(x0.float(), t, noise)
+            mse = F.mse_loss(output.float(), target, reduction="none").flatten(1).mean(1)
+            if self.min_snr_gamma is not None:
+                mse = mse * self._min_snr_weight(t)
+            return mse.mean()
+
+    def _min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weights [B] (Hang et al. 2023), per objective so each equals min(SNR, gamma) on x0's error."""
+        snr = self.snr.to(t.device)[t]
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.objective == "eps":
+            w = clipped / snr
+        elif self.objective == "v":
+            w = clipped / (snr + 1.0)
+        else:
+            w = clipped
+        return w.float()
+
+    # ---------------------------------------------------------------------------------------------- samplers
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Model,
+        shape: tuple[int, ...],
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        cond: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        clip_denoised: bool = True,
+        progress: bool = False,
+        return_trajectory: bool = False,
+        noise: torch.Tensor | None = None,
+        spacing: str = "uniform",
+        variance: str = "fixed_small",
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Generate samples [B, C, H, W] from x_T ~ N(0, I) (or `noise`), float32.
+
+        sampler "ddpm": ancestral sampling, over all T steps when steps == T (or None), else over `steps` respaced
+        timesteps with the betas recomputed for them; `variance` "fixed_small" or "fixed_large".
+        sampler "ddim": `steps` timesteps (spacing "uniform" or "quadratic"), eta = 0 deterministic to 1 (DDPM-like).
+        cond [B, D] with guidance != 1: classifier-free guidance. All noise comes from `generator`, so a generator in a
+        given state gives the same samples. Put the model in eval() first. With return_trajectory, also returns
+        the x0 predictions [B, C, H, W] at about 8 evenly spaced steps (the last is the final sample's).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"diffusion: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"diffusion: eta must be in [0, 1], got {eta}")
+        if noise is not None and tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"diffusion: noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+        if cond is not None and cond.shape[0] != shape[0]:
+            raise ValueError(f"diffusion: cond has {cond.shape[0]} rows for a batch of {shape[0]}")
+        device = _model_device(model, noise, cond) or self.betas.device
+        steps = self.num_timesteps if steps is None else steps
+        timesteps = make_timesteps(self.num_timesteps, steps, spacing)[::-1].copy()
+        prev_timesteps = np.append(timesteps[1:], -1)
+
+        x = noise.to(device=device, dtype=torch.float32) if noise is not None else _randn(tuple(shape), generator,
+                                                                                           device)
+        if cond is not None:
+            cond = cond.to(device)
+        n = len(timesteps)
+        keep = set(np.round(np.linspace(0, n - 1, min(8, n))).astype(int).tolist())
+        trajectory: list[torch.Tensor] = []
+        steps_iter = track(range(n), description=f"{sampler} {n} steps", disable=not progress, transient=True)
+        for i in steps_iter:
+            t = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, int(prev_timesteps[i]))
+            out = self.p_mean_variance(model, x, t, cond, clip_denoised, guidance, t_prev, variance)
+            with _no_autocast(device):
+                last = i == n - 1
+                if sampler == "ddpm":
+                    x = out["mean"]
+                    if not last:
+                        x = x + out["variance"].sqrt() * _randn(tuple(shape), generator, device)
+                else:
+                    x = self._ddim_step(x, t, t_prev, out, eta, generator, last)
+            if return_trajectory and i in keep:
+                trajectory.append(out["pred_x0"].clone())
+        return (x, trajectory) if return_trajectory else x
+
+    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, out: dict[str, torch.Tensor],
+                   eta: float, generator: torch.Generator | None, last: bool) -> torch.Tensor:
+        """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12), sigma = eta * the DDPM posterior std."""
+        ab, ab_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
+        sigma = eta * torch.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        ab_prev, sigma = ab_prev.float().reshape(shape), sigma.float().reshape(shape)
+        x_next = ab_prev.sqrt() * out["pred_x0"] + (1.0 - ab_prev - sigma**2).clamp(min=0).sqrt() * out["pred_eps"]
+        if eta > 0 and not last:
+            x_next = x_next + sigma * _randn(tuple(x.shape), generator, x.device)
+        return x_next
+
