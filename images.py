@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utills import atomic_write_bytes  # re-exported: sample.py imports it from here
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B,C,H,W] floats in [-1, 1] (C = 1 or 3) -> [B,H,W,C] uint8 in 0..255 (rounded, clipped)."""
@@ -31,23 +33,6 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
         y, x = padding + r * (h + padding), padding + k * (w + padding)
         grid[y:y + h, x:x + w] = pics[i]
     return grid
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` via a fsynced temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:

@@ -66,6 +66,24 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` via a fsynced temporary file in the same folder and a rename (folder fsynced too)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     """Where the checkpoint of `step` lives."""
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utills import (CheckpointError, CheckpointWarning, atomic_save, capture_rng, find_latest, list_checkpoints,
+from utills import (CheckpointError, CheckpointWarning, atomic_save, atomic_write_bytes, capture_rng, find_latest, list_checkpoints,
                     load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint)
 
 
@@ -117,3 +117,11 @@ def test_rng_capture_restore_through_weights_only(tmp_path):
     assert np.array_equal(got[1], expected[1])
     assert torch.equal(got[2], expected[2]) and torch.equal(got[3], expected[3])
 
+
+
+def test_atomic_write_bytes_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "config.json"
+    atomic_write_bytes(b'{"a": 1}', path)
+    atomic_write_bytes(b'{"a": 2}', path)
+    assert path.read_bytes() == b'{"a": 2}'
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]
