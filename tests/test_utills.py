@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from utills import (CheckpointError, CheckpointWarning, atomic_save, atomic_write_bytes, capture_rng, find_latest, list_checkpoints,
-                    load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint)
+from utills import (CheckpointError, CheckpointWarning, atomic_save, atomic_write_bytes, capture_rng, find_latest,
+                    list_checkpoints, load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint)
 
 
 def _ckpt(step: int, value: float = 1.0) -> dict:
