@@ -155,23 +155,35 @@ def _ellipse_pts(cx: float, cy: float, rx: float, ry: float, t0: float, t1: floa
 
 
 class _Painter:
-    """ImageDraw in face coordinates: (0, 0) is the CelebA crop centre, units are pixels of the 178x218 image."""
+    """ImageDraw in face coordinates: (0, 0) is the CelebA crop centre, units are pixels of the 178x218 image.
 
-    def __init__(self, bg: tuple[int, int, int], dx: float, dy: float, scale: float):
+    The pose jitter (shift, scale, in-plane rotation) is applied to every point here, and every shape is drawn as
+    a polygon or polyline, which costs far less than rotating the finished image.
+    """
+
+    def __init__(self, bg: tuple[int, int, int], dx: float, dy: float, scale: float, angle_deg: float):
         self.img = Image.new("RGB", (WIDTH * SUPERSAMPLE, HEIGHT * SUPERSAMPLE), bg)
         self.draw = ImageDraw.Draw(self.img)
-        self.ox, self.oy, self.k = CROP_CENTRE[0] + dx, CROP_CENTRE[1] + dy, scale
+        ox, oy = (CROP_CENTRE[0] + dx) * SUPERSAMPLE, (CROP_CENTRE[1] + dy) * SUPERSAMPLE
+        c, s, k = np.cos(np.radians(angle_deg)), np.sin(np.radians(angle_deg)), scale * SUPERSAMPLE
+        self.k = scale
+        self.m = np.array([[c * k, -s * k, ox], [s * k, c * k, oy]])  # face coordinates -> canvas: rotate, scale, shift
 
-    def xy(self, pts: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-        s, k = SUPERSAMPLE, self.k
-        return [((self.ox + x * k) * s, (self.oy + y * k) * s) for x, y in pts]
+    def xy(self, pts: Sequence[tuple[float, float]] | np.ndarray) -> list[tuple[float, float]]:
+        p = np.asarray(pts, dtype=np.float64).reshape(-1, 2)
+        q = p @ self.m[:, :2].T + self.m[:, 2]
+        return list(map(tuple, q.tolist()))
 
     def w(self, width: float) -> int:
         return max(1, int(round(width * self.k * SUPERSAMPLE)))
 
     def ellipse(self, cx, cy, rx, ry, fill=None, outline=None, width=1.0):
-        (x0, y0), (x1, y1) = self.xy([(cx - rx, cy - ry), (cx + rx, cy + ry)])
-        self.draw.ellipse((x0, y0, x1, y1), fill=fill, outline=outline, width=self.w(width))
+        n = 16 if max(rx, ry) < 3 else 40
+        pts = self.xy(_ellipse_pts(cx, cy, rx, ry, 0.0, 2 * np.pi, n)[:-1])
+        if fill is not None:
+            self.draw.polygon(pts, fill=fill)
+        if outline is not None:
+            self.draw.line(pts + pts[:2], fill=outline, width=self.w(width), joint="curve")
 
     def polygon(self, pts, fill):
         self.draw.polygon(self.xy(pts), fill=fill)
@@ -180,13 +192,16 @@ class _Painter:
         self.draw.line(self.xy(pts), fill=fill, width=self.w(width), joint="curve")
 
     def arc(self, cx, cy, rx, ry, start, end, fill, width=1.0):
-        (x0, y0), (x1, y1) = self.xy([(cx - rx, cy - ry), (cx + rx, cy + ry)])
-        self.draw.arc((x0, y0, x1, y1), start, end, fill=fill, width=self.w(width))
+        """Arc from `start` to `end` degrees, clockwise from 3 o'clock as in ImageDraw.arc."""
+        pts = _ellipse_pts(cx, cy, rx, ry, np.radians(start), np.radians(end), 16)
+        self.line(pts, fill, width)
 
     def rect(self, x0, y0, x1, y1, fill=None, outline=None, width=1.0):
-        (a, b), (c, d) = self.xy([(x0, y0), (x1, y1)])
-        self.draw.rectangle((min(a, c), min(b, d), max(a, c), max(b, d)), fill=fill, outline=outline,
-                            width=self.w(width) if outline else 0)
+        pts = self.xy([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        if fill is not None:
+            self.draw.polygon(pts, fill=fill)
+        if outline is not None:
+            self.draw.line(pts + pts[:2], fill=outline, width=self.w(width), joint="curve")
 
 
 def _quad(p0, p1, p2, n: int = 12) -> list[tuple[float, float]]:
@@ -214,7 +229,8 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
     # Canvas, jitter and palette.
     bg = _mix((40, 40, 40), (235, 235, 235), st["bg_g"] * 0.4 + 0.3)
     bg = _mix(bg, (int(255 * st["bg_r"]), int(255 * st["bg_b"]), int(255 * st["bg2"])), 0.55)
-    pt = _Painter(bg, dx=(st["dx"] - 0.5) * 6, dy=(st["dy"] - 0.5) * 6, scale=0.95 + 0.1 * st["scale"])
+    pt = _Painter(bg, dx=(st["dx"] - 0.5) * 6, dy=(st["dy"] - 0.5) * 6, scale=0.95 + 0.1 * st["scale"],
+                  angle_deg=(st["angle"] - 0.5) * 8.0)
     skin = _mix((238, 200, 172), (122, 82, 58), st["skin"] ** 1.6)
     skin = _mix(skin, (230, 190, 140), 0.25 * st["skin_hue"])
     if a["Pale_Skin"]:
@@ -231,8 +247,8 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
     cloth = (int(40 + 200 * st["cloth_r"]), int(40 + 200 * st["cloth_g"]), int(40 + 200 * st["cloth_b"]))
 
     # Face geometry (relative to the crop centre), nudged by the shape attributes.
-    fw = 36.0 + 4.0 * (st["face_w"] - 0.5)
-    fh = 49.0 + 4.0 * (st["face_h"] - 0.5)
+    fw = 38.0 + 4.0 * (st["face_w"] - 0.5) + (1.5 if a["Male"] else 0.0)
+    fh = 50.0 + 4.0 * (st["face_h"] - 0.5)
     if a["Chubby"]:
         fw += 6.0
     if a["Oval_Face"]:
@@ -284,21 +300,31 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
         arc = _ellipse_pts(0.0, -8.0, top_w, 55.0 + 3.0 * st["hair_vol"], t0 - 0.25, t1 + 0.25, 40,
                            wave=0.03 if wave else 0.0, freq=14.0, phase=6.0 * st["wave_phase"])
         pt.polygon([(-top_w + 1.0, low)] + arc + [(top_w - 1.0, low)], hair)
-    pt.ellipse(0.0, fcy, fw, fh, fill=skin)
+    jaw = 3.2 if a["Male"] else 2.2  # superellipse power of the lower face: men get a squarer jaw
+
+    def face_pts(t0: float, t1: float, n: int = 32) -> list[tuple[float, float]]:
+        t = np.linspace(t0, t1, n)
+        c, s = np.cos(t), np.sin(t)
+        p = np.where(s > 0, jaw, 2.0)
+        return list(zip(fw * np.sign(c) * np.abs(c) ** (2.0 / p), fcy + fh * np.sign(s) * np.abs(s) ** (2.0 / p)))
+
+    pt.polygon(face_pts(0.0, 2 * np.pi, 64), skin)
     if a["Double_Chin"]:
         pt.arc(0.0, chin - 3.0, fw * 0.45, 6.0, 20, 160, skin_shadow, width=1.3)
 
     # Beard shading under the features: full beard (No_Beard false) or stubble.
-    beard_box = (0.0, fcy, fw, fh)
+    def cheek_line(top: float) -> list[tuple[float, float]]:
+        # From the left jaw corner up over the cheek, dipping under the nose, to the right jaw corner.
+        left = _quad((-fw, fcy + 2.0), (-fw * 0.55, top + 2.0), (0.0, top), 8)
+        return left + [(-x, y) for x, y in reversed(left[:-1])]
+
     if not a["No_Beard"] and not (a["Mustache"] or a["Goatee"]) or (
             not a["No_Beard"] and st["shade"] < 0.3):
-        pts = _ellipse_pts(*beard_box, 0.15, np.pi - 0.15, 32)
-        pt.polygon(pts + [(-fw * 0.55, mouth_y - 8), (fw * 0.55, mouth_y - 8)][::-1], _mix(hair, hair_dark, 0.5))
-        pt.ellipse(0.0, mouth_y + 1.0, 14.0, 8.0, fill=skin)  # skin left around the mouth
+        pt.polygon(face_pts(0.02, np.pi - 0.02) + cheek_line(mouth_y - 7.0), _mix(hair, hair_dark, 0.5))
+        pt.ellipse(0.0, mouth_y + 1.5, 13.0, 7.5, fill=skin)  # skin left around the mouth
     elif a["5_o_Clock_Shadow"]:
         stubble = _mix(skin, _mix(hair_dark, (40, 40, 40), 0.5), 0.28)
-        pts = _ellipse_pts(*beard_box, 0.2, np.pi - 0.2, 32)
-        pt.polygon(pts + [(-fw * 0.6, mouth_y - 10), (fw * 0.6, mouth_y - 10)][::-1], stubble)
+        pt.polygon(face_pts(0.05, np.pi - 0.05) + cheek_line(mouth_y - 9.0), stubble)
     if a["Sideburns"]:
         for sx in (-1, 1):
             pt.polygon([(sx * (fw - 1), -12), (sx * (fw - 6), -12), (sx * (fw - 5), 14), (sx * (fw - 1.5), 16)],
@@ -393,19 +419,20 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
         pt.ellipse(0.0, chin - 6.0, 9.0, 7.5, fill=hair_dark)
 
     # Mouth: corners up when smiling, a dark opening when slightly open, red when wearing lipstick.
-    mw = 11.0 + 3.0 * st["mouth_w"] + (1.5 if a["Smiling"] else 0.0)
-    lip_h = 3.5 if a["Big_Lips"] else 2.0
+    mw = 13.5 + 3.0 * st["mouth_w"] + (2.0 if a["Smiling"] else 0.0)
+    lip_h = 3.8 if a["Big_Lips"] else 2.4
     if a["Wearing_Lipstick"]:
         lip = _mix((196, 28, 52), (140, 20, 60), st["lip_r"])
     else:
-        lip = _mix(_mix(skin, (170, 70, 70), 0.45), (120, 60, 60), 0.3 * st["lip_g"])
-    corner = mouth_y - (4.5 if a["Smiling"] else -0.5)
+        # Pinker than any skin tone, so that the mouth's shape stays visible on dark skin too.
+        lip = _mix(_mix(skin, (200, 90, 110), 0.5), (150, 60, 70), 0.2 * st["lip_g"])
+    corner = mouth_y - (5.5 if a["Smiling"] else -0.5)
     gap = 3.5 if a["Mouth_Slightly_Open"] else 0.0
     sag = 3.5 if a["Smiling"] else 0.6  # how far the middle of the mouth sits below the corners
-    upper_top = _quad((-mw, corner), (0.0, mouth_y - lip_h * 1.4 + sag * 0.6), (mw, corner), 14)
+    upper_top = _quad((-mw, corner), (0.0, mouth_y - lip_h * 2.2 + sag * 0.6), (mw, corner), 14)
     upper_bot = _quad((mw, corner), (0.0, mouth_y + sag), (-mw, corner), 14)
     lower_top = _quad((-mw, corner), (0.0, mouth_y + sag + gap * 2.0), (mw, corner), 14)
-    lower_bot = _quad((mw, corner), (0.0, mouth_y + sag + gap * 2.0 + lip_h * 2.2 + 1.0), (-mw, corner), 14)
+    lower_bot = _quad((mw, corner), (0.0, mouth_y + sag + gap * 2.0 + lip_h * 3.0 + 1.0), (-mw, corner), 14)
     if gap:
         pt.polygon(upper_bot[::-1] + lower_top[::-1], (70, 20, 25))
         if a["Smiling"]:
@@ -413,7 +440,7 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
             pt.polygon(upper_bot[2:-2] + teeth, (240, 238, 230))
     pt.polygon(upper_top + upper_bot, lip)
     pt.polygon(lower_top + lower_bot, lip)
-    pt.line(upper_bot, _mix(lip, (40, 10, 10), 0.5), 0.6)
+    pt.line(upper_bot, _mix(lip, (40, 10, 10), 0.55), 0.8)
 
     # Glasses over the eyes.
     if a["Eyeglasses"]:
@@ -449,12 +476,8 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
             if st["jewel"] > 0.3:
                 pt.ellipse(sx * (fw + 1.5), ear_y + 16.0, 2.0, 3.0, fill=metal)
 
-    # Whole-image pose jitter, downsample, then blur.
-    img = pt.img
-    angle = (st["angle"] - 0.5) * 8.0
-    centre = (pt.ox * SUPERSAMPLE, pt.oy * SUPERSAMPLE)
-    img = img.rotate(angle, resample=Image.BILINEAR, center=centre, fillcolor=bg)
-    img = img.reduce(SUPERSAMPLE)
+    # Downsample (the antialiasing), then blur.
+    img = pt.img.reduce(SUPERSAMPLE)
     if a["Blurry"]:
         img = img.filter(ImageFilter.GaussianBlur(1.6))
     return img
