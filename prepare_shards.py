@@ -1,0 +1,866 @@
+"""Shard CelebA once: crop, resize and pack the images into WebDataset tars with DALI indexes and a manifest.
+
+    python prepare_shards.py --src data/celeba --out data/shards64 [--size 64] [--crop celeba|center]
+        [--format jpg|png] [--quality 95] [--samples-per-shard 4096] [--split all|train|valid|test]
+        [--workers N] [--seed 0] [--max-bad-fraction 0.01] [--overwrite]
+
+SRC is one of (detected, and printed):
+    official  SRC/img_align_celeba/*.jpg, SRC/list_attr_celeba.txt, SRC/list_eval_partition.txt
+    kaggle    SRC/img_align_celeba/img_align_celeba/*.jpg, SRC/list_attr_celeba.csv, SRC/list_eval_partition.csv
+    zip       SRC = img_align_celeba.zip itself, or a folder holding it; read in place, metadata beside it if present
+    folder    any folder of images, searched recursively: no attributes, everything in split "train"
+A missing metadata file is tolerated (no attributes, or everything in "train"); a malformed one is an error.
+
+Crops. `celeba` is the standard CelebA-64 crop (DDIM, NCSN): the 128x128 box centred at (89, 121) of the aligned
+178x218 image, i.e. (25, 57, 153, 185). An image of another size gets that box scaled by min(W/178, H/218) about
+the same relative centre and clamped inside the image. `center` is the largest centred square. Then a LANCZOS
+resize to --size. For jpg output of a JPEG source, when the crop is at least twice the target even after a JPEG DCT
+reduction (PIL's draft mode: 1/2, 1/4 or 1/8 while decoding), the reduced image is decoded and the crop box is scaled
+into it; that keeps the result within ~36+ dB PSNR of a full-resolution crop and resize (tests check >= 35 dB).
+png output always decodes at full resolution, so its pixels equal crop-then-LANCZOS exactly.
+
+Output in OUT: {split}-NNNNNN.tar (samples keyed by source stem: {key}.jpg|png and, with attributes, {key}.attr =
+40 int8 of 1/0 in the metadata's column order), {split}-NNNNNN.idx (DALI's wds2idx v1.2 index, written from the
+offsets known while writing the tar) and manifest.json, written last. Shard j of a split holds the shuffled
+source images j*N .. (j+1)*N-1 that decode (N = --samples-per-shard), so a shard can be checked or rewritten alone:
+a rerun keeps every complete shard whose sha256 verifies and writes the rest. Progress of an unfinished run lives
+in manifest.partial.json. Tar headers carry no time, owner or mode of the source, so runs are byte-identical.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+MANIFEST_VERSION = 1
+SPLITS = ("train", "valid", "test")
+PARTITIONS = {"0": "train", "1": "valid", "2": "test"}  # list_eval_partition's values
+CELEBA_SIZE = (178, 218)  # aligned CelebA image (width, height)
+CELEBA_BOX = (25, 57, 153, 185)  # 128x128 centred at (89, 121): the DDIM / NCSN CelebA crop
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+ATTR_FILES = ("list_attr_celeba.txt", "list_attr_celeba.csv")
+PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv")
+DRAFT_MARGIN = 2.0  # use a JPEG DCT reduction only when the reduced crop still has >= 2x the target's pixels a side
+IDX_VERSION = "v1.2"  # DALI tools/wds2idx.py: "v1.2 <samples>", then per sample "ext data_offset size name ..."
+MANIFEST, PARTIAL = "manifest.json", "manifest.partial.json"
+OWN_FILE = re.compile(r"^(?:(?:train|valid|test)-\d{6}\.(?:tar|idx)|manifest(?:\.partial)?\.json)(?:\.tmp)?$")
+# Arguments that change the bytes written; a rerun with others equal may reuse shards.
+CONTENT_ARGS = ("size", "crop", "format", "quality", "samples_per_shard", "split", "seed")
+
+console = Console()
+
+
+@dataclass
+class PrepareConfig:
+    src: str = ""  # CelebA folder (official or Kaggle layout), img_align_celeba.zip, or any folder of images
+    out: str = ""  # output folder for shards, indexes and manifest.json (created; must not be inside SRC)
+    size: int = 64  # output side in pixels, 16..256
+    crop: str = "celeba"  # celeba: 128x128 box centred at (89, 121) of 178x218 | center: largest centred square
+    format: str = "jpg"  # jpg (quality --quality, 4:4:4 chroma) | png (lossless)
+    quality: int = 95  # JPEG quality of the shard images
+    samples_per_shard: int = 4096  # source images per shard (fewer when some are bad)
+    split: str = "all"  # all | train | valid | test
+    workers: int = 0  # decoding processes; 0 = all cores
+    seed: int = 0  # seed of the per-split shuffle done before sharding
+    max_bad_fraction: float = 0.01  # exit non-zero (after writing the manifest) when more inputs than this are bad
+    overwrite: bool = False  # allow an OUT holding another dataset or foreign files; only our own files are replaced
+
+
+class PrepareError(ValueError):
+    """Bad input found before anything is written (missing SRC, malformed metadata, OUT inside SRC, ...)."""
+
+
+class TooManyBadInputs(RuntimeError):
+    """More than max_bad_fraction of the inputs were skipped; the manifest has been written and lists them."""
+
+    def __init__(self, message: str, manifest: dict):
+        super().__init__(message)
+        self.manifest = manifest
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The source: layout, metadata and the list of images.
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    layout: str  # official | kaggle | zip | folder
+    path: Path  # SRC as resolved
+    zip_path: Path | None  # the zip read in place, or None
+    files: list[tuple[str, str, int]]  # (name relative to the image root, path or zip member, size) sorted by name
+    attr_file: Path | None  # list_attr_celeba.txt/.csv used, or None
+    partition_file: Path | None  # list_eval_partition.txt/.csv used, or None
+
+
+def _first_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _walk(root: Path, exclude: set[Path]) -> list[tuple[str, str, int]]:
+    """Every regular file under root (hidden files and folders ignored), as (relative name, path, size)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(".") or path in exclude:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                size = -1  # a dangling link: listed, then skipped as unreadable
+            else:
+                if not path.is_file():
+                    continue
+                size = st.st_size
+            found.append((path.relative_to(root).as_posix(), str(path), size))
+    return sorted(found)
+
+
+def _zip_files(zip_path: Path) -> list[tuple[str, str, int]]:
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise PrepareError(f"{zip_path}: not a readable zip file ({e})") from None
+    infos = [i for i in infos if not any(p.startswith(".") or p == "__MACOSX" for p in i.filename.split("/"))]
+    # Names relative to the deepest folder common to all members (img_align_celeba/ in CelebA's zip).
+    dirs = [i.filename.split("/")[:-1] for i in infos]
+    prefix: list[str] = dirs[0] if dirs else []
+    for d in dirs[1:]:
+        while d[:len(prefix)] != prefix:
+            prefix = prefix[:-1]
+    cut = len("/".join(prefix)) + 1 if prefix else 0
+    return sorted((i.filename[cut:], i.filename, i.file_size) for i in infos)
+
+
+def find_source(src: Path) -> Source:
+    """Detect SRC's layout and list its files; raises PrepareError when there is nothing to read."""
+    if not src.exists():
+        raise PrepareError(f"{src}: no such file or folder")
+    if src.is_file():
+        if not zipfile.is_zipfile(src):
+            raise PrepareError(f"{src}: not a folder or a zip file")
+        meta = src.parent
+        return Source("zip", src, src, _zip_files(src), _first_file(meta, ATTR_FILES),
+                      _first_file(meta, PARTITION_FILES))
+    attr, part = _first_file(src, ATTR_FILES), _first_file(src, PARTITION_FILES)
+    nested, flat, zipped = src / "img_align_celeba" / "img_align_celeba", src / "img_align_celeba", \
+        src / "img_align_celeba.zip"
+    csv_meta = any(p is not None and p.suffix == ".csv" for p in (attr, part))
+    if nested.is_dir():
+        return Source("kaggle", src, None, _walk(nested, set()), attr, part)
+    if flat.is_dir():
+        return Source("kaggle" if csv_meta else "official", src, None, _walk(flat, set()), attr, part)
+    if zipped.is_file():
+        return Source("zip", src, zipped, _zip_files(zipped), attr, part)
+    if attr or part:  # images beside their metadata
+        return Source("kaggle" if csv_meta else "official", src, None, _walk(src, {attr, part}), attr, part)
+    return Source("folder", src, None, _walk(src, set()), None, None)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PrepareError(f"{path}: cannot read ({e})") from None
+
+
+def _attr_value(path: Path, lineno: int, v: str) -> int:
+    if v.strip() in ("1", "+1"):
+        return 1
+    if v.strip() in ("-1", "0"):
+        return 0
+    raise PrepareError(f"{path}:{lineno}: attribute value {v!r} is not 1, -1 or 0")
+
+
+def read_attributes(path: Path) -> tuple[list[str], dict[str, tuple[bytes, int]]]:
+    """Parse list_attr_celeba.txt (count, names, rows) or .csv (image_id + names, rows).
+
+    Returns the attribute names and {image name: (one int8 0/1 byte per attribute, line number)}.
+    """
+    lines = _read_lines(path)
+    rows: dict[str, tuple[bytes, int]] = {}
+    if path.suffix == ".csv":
+        table = list(csv.reader(lines))
+        if not table or not table[0] or table[0][0].strip() != "image_id":
+            raise PrepareError(f"{path}:1: expected a header starting with image_id")
+        names, first = [n.strip() for n in table[0][1:]], 2
+        body = [(i, r) for i, r in enumerate(table[1:], start=first)]
+    else:
+        if len(lines) < 2:
+            raise PrepareError(f"{path}:1: expected the image count then the attribute names")
+        if not lines[0].strip().isdigit():
+            raise PrepareError(f"{path}:1: expected the image count, found {lines[0].strip()[:40]!r}")
+        names = lines[1].split()
+        body = [(i, ln.split()) for i, ln in enumerate(lines[2:], start=3)]
+        declared = int(lines[0])
+        if declared != sum(1 for _, r in body if r):
+            console.print(f"[yellow]warning: {path}:1 declares {declared} rows, it has {sum(1 for _, r in body if r)}")
+    if not names:
+        raise PrepareError(f"{path}:{1 if path.suffix == '.csv' else 2}: no attribute names")
+    for lineno, r in body:
+        if not r or (len(r) == 1 and not r[0].strip()):
+            continue
+        if len(r) != len(names) + 1:
+            raise PrepareError(f"{path}:{lineno}: expected {len(names) + 1} columns (name + {len(names)} "
+                               f"attributes), found {len(r)}")
+        name = r[0].strip()
+        if name in rows:
+            raise PrepareError(f"{path}:{lineno}: {name} already listed on line {rows[name][1]}")
+        rows[name] = (bytes(_attr_value(path, lineno, v) for v in r[1:]), lineno)
+    return names, rows
+
+
+def read_partitions(path: Path) -> dict[str, tuple[str, int]]:
+    """Parse list_eval_partition.txt (`000001.jpg 0`) or .csv (image_id,partition): {name: (split, line number)}."""
+    lines = _read_lines(path)
+    if path.suffix == ".csv":
+        table = list(csv.reader(lines))
+        if not table or [c.strip() for c in table[0]] != ["image_id", "partition"]:
+            raise PrepareError(f"{path}:1: expected the header image_id,partition")
+        body = list(enumerate(table[1:], start=2))
+    else:
+        body = [(i, ln.split()) for i, ln in enumerate(lines, start=1)]
+    parts: dict[str, tuple[str, int]] = {}
+    for lineno, r in body:
+        if not r or (len(r) == 1 and not r[0].strip()):
+            continue
+        if len(r) != 2:
+            raise PrepareError(f"{path}:{lineno}: expected 2 columns (name partition), found {len(r)}")
+        name, value = r[0].strip(), r[1].strip()
+        if value not in PARTITIONS:
+            raise PrepareError(f"{path}:{lineno}: unknown partition value {value!r} (expected 0, 1 or 2)")
+        if name in parts:
+            raise PrepareError(f"{path}:{lineno}: {name} already listed on line {parts[name][1]}")
+        parts[name] = (PARTITIONS[value], lineno)
+    return parts
+
+
+def _sanitize_key(stem: str) -> str:
+    # DALI and webdataset split a member name at the first dot; the index separates fields by spaces.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "_"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One image: decode, crop, resize, encode. Runs in the worker processes.
+# --------------------------------------------------------------------------------------------------------------------
+
+def crop_box(width: int, height: int, crop: str) -> tuple[float, float, float, float]:
+    """The crop as (left, top, right, bottom) in pixel-edge coordinates of a width x height image."""
+    if crop == "center":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return (left, top, left + side, top + side)
+    if (width, height) == CELEBA_SIZE:
+        return CELEBA_BOX
+    s = min(width / CELEBA_SIZE[0], height / CELEBA_SIZE[1])
+    side = (CELEBA_BOX[2] - CELEBA_BOX[0]) * s
+    cx = width / 2 + ((CELEBA_BOX[0] + CELEBA_BOX[2]) / 2 - CELEBA_SIZE[0] / 2) * s
+    cy = height / 2 + ((CELEBA_BOX[1] + CELEBA_BOX[3]) / 2 - CELEBA_SIZE[1] / 2) * s
+    left = min(max(cx - side / 2, 0.0), width - side)
+    top = min(max(cy - side / 2, 0.0), height - side)
+    return (left, top, left + side, top + side)
+
+
+def transform(data: bytes, size: int, crop: str, fmt: str, quality: int) -> bytes:
+    """Source image bytes -> the encoded size x size RGB shard image. Raises on anything undecodable."""
+    img = Image.open(io.BytesIO(data))
+    box = crop_box(img.width, img.height, crop)
+    side = min(box[2] - box[0], box[3] - box[1])
+    scale = 1.0
+    if fmt == "jpg" and img.format == "JPEG":
+        # Decode at 1/2, 1/4 or 1/8 in the DCT domain when the crop keeps >= DRAFT_MARGIN x the target size.
+        reduce = next((r for r in (8, 4, 2) if side / r >= DRAFT_MARGIN * size), 1)
+        if reduce > 1:
+            full_width = img.width
+            drafted = img.draft("RGB", (img.width // reduce, img.height // reduce))
+            if drafted is not None:  # (mode, (0, 0, W / r, H / r)): the full image in reduced coordinates
+                scale = drafted[1][2] / full_width
+    img.load()  # decode now: a truncated file raises here (LOAD_TRUNCATED_IMAGES stays False)
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, LA, P, PA, RGBA, CMYK, I;16 ...
+    if scale == 1.0 and all(float(v).is_integer() for v in box):
+        out = img.crop(tuple(int(v) for v in box)).resize((size, size), Image.Resampling.LANCZOS)
+    else:
+        out = img.resize((size, size), Image.Resampling.LANCZOS, box=tuple(v * scale for v in box))
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        out.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False)
+    else:
+        out.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(settings: tuple, zip_path: str | None) -> None:
+    """Per process: the output settings and its own handle on the zip (a handle must not cross a fork)."""
+    _WORKER.clear()
+    _WORKER["settings"] = settings
+    _WORKER["zip"] = zipfile.ZipFile(zip_path) if zip_path else None
+
+
+def _close_worker() -> None:
+    if _WORKER.get("zip") is not None:
+        _WORKER["zip"].close()
+    _WORKER.clear()
+
+
+def _process(ref: str) -> tuple[bytes | None, str | None]:
+    """Read and transform one source: (encoded image, None) or (None, why it was skipped)."""
+    try:
+        zf = _WORKER["zip"]
+        if zf is not None:
+            data = zf.read(ref)
+        else:
+            with open(ref, "rb") as f:
+                data = f.read()
+    except Exception as e:  # noqa: BLE001 - any read failure is a skip with its reason
+        return None, f"unreadable: {_one_line(e)}"
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        return transform(data, *_WORKER["settings"]), None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
+        if isinstance(e, Image.UnidentifiedImageError):
+            return None, "not an image: cannot identify image file"
+        return None, f"cannot decode: {_one_line(e)}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > 160:
+        text = text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The plan: which source goes to which shard of which split.
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    key: str  # member stem in the tar, from the source file's stem
+    file: str  # name relative to the image root, as listed in "skipped"
+    ref: str  # path on disk, or member of the zip
+    attr: bytes | None  # one int8 0/1 per attribute, or None without attributes
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    samples: list[Sample]  # the shuffled sources of this shard, bad ones included
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+
+@dataclass
+class Plan:
+    attributes: list[str]  # attribute names, or [] without attribute metadata
+    shards: dict[str, list[ShardPlan]]  # split -> shards, for the requested splits
+    skipped: list[dict]  # metadata problems found while planning: {"file", "reason", "split"}
+    inputs: int  # sources considered (images plus metadata rows without an image) in the requested splits
+    fingerprint: str  # sha256 over the file list (names, sizes) and the metadata files
+
+
+def make_plan(source: Source, cfg: PrepareConfig) -> Plan:
+    """Match images with metadata, drop what cannot be used, shuffle each split with the seed and cut it in shards."""
+    attributes: list[str] = []
+    attrs = parts = None
+    if source.attr_file is not None:
+        attributes, attrs = read_attributes(source.attr_file)
+    if source.partition_file is not None:
+        parts = read_partitions(source.partition_file)
+    wanted = SPLITS if cfg.split == "all" else (cfg.split,)
+    if not any(Path(rel).suffix.lower() in IMAGE_EXTS for rel, _, _ in source.files):
+        raise PrepareError(f"{source.path}: no images found ({source.layout} layout)")
+
+    by_split: dict[str, list[Sample]] = {s: [] for s in wanted}
+    skipped: list[dict] = []
+    keys: set[str] = set()
+    seen_names: set[str] = set()
+    for rel, ref, _ in source.files:
+        name = rel.rsplit("/", 1)[-1]
+        seen_names.add(name)
+        suffix = Path(name).suffix.lower()
+        split = "train" if parts is None else (parts[name][0] if name in parts else None)
+        if suffix not in IMAGE_EXTS:
+            reason = f"not an image file (extension {suffix or 'none'!r})"
+        elif attrs is not None and name not in attrs:
+            reason = f"no row in {source.attr_file.name}"
+        elif parts is not None and name not in parts:
+            reason = f"no row in {source.partition_file.name}"
+        else:
+            reason = None
+        if reason is not None:
+            if split is None or split in wanted:
+                skipped.append({"file": rel, "reason": reason, "split": split})
+            continue
+        if split not in wanted:
+            continue
+        key = _sanitize_key(Path(name).stem)
+        if key in keys:  # two sources with the same stem (plain folders): keep both under distinct keys
+            n = 2
+            while f"{key}_{n}" in keys:
+                n += 1
+            key = f"{key}_{n}"
+        keys.add(key)
+        by_split[split].append(Sample(key, rel, ref, attrs[name][0] if attrs is not None else None))
+
+    # Metadata rows whose image is missing.
+    for table, path in ((attrs, source.attr_file), (parts, source.partition_file)):
+        for name, (_, lineno) in (table or {}).items():
+            if name in seen_names:
+                continue
+            seen_names.add(name)  # reported once, from the first file that lists it
+            split = parts[name][0] if parts is not None and name in parts else None
+            if split is None or split in wanted:
+                skipped.append({"file": name, "reason": f"missing image: listed in {path.name} line {lineno}",
+                                "split": split})
+
+    shards: dict[str, list[ShardPlan]] = {}
+    for i, split in enumerate(SPLITS):
+        if split not in wanted:
+            continue
+        samples = by_split[split]
+        order = np.random.default_rng([cfg.seed, i]).permutation(len(samples))  # per split: same for any --split
+        samples = [samples[j] for j in order]
+        n = cfg.samples_per_shard
+        shards[split] = [ShardPlan(split, j, samples[k:k + n]) for j, k in enumerate(range(0, len(samples), n))]
+
+    h = hashlib.sha256(json.dumps([source.layout, [(rel, size) for rel, _, size in source.files]]).encode())
+    for path in (source.attr_file, source.partition_file):
+        h.update(path.read_bytes() if path is not None else b"-")
+    inputs = sum(len(s.samples) for v in shards.values() for s in v) + len(skipped)
+    return Plan(attributes, shards, skipped, inputs, h.hexdigest())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing: deterministic tars, their DALI index, atomic renames.
+# --------------------------------------------------------------------------------------------------------------------
+
+class _HashingFile:
+    """A write-only file that hashes and counts what goes through it (tarfile needs write and tell)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.pos += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data to path through a temp file in the same folder, fsync'd, then os.replace."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class ShardWriter:
+    """One {split}-NNNNNN.tar under a temp name, plus the lines of its DALI index from the offsets as they are written.
+
+    Index format, as DALI's tools/wds2idx.py writes it: "v1.2 <samples>", then one line per sample with, for each
+    member in tar order, "<ext> <offset of the member's data> <size> <member name>", space separated.
+    """
+
+    def __init__(self, out: Path, name: str):
+        self.out, self.name = out, name
+        self.tmp = out / f"{name}.tar.tmp"
+        self.file = open(self.tmp, "wb")
+        self.hashed = _HashingFile(self.file)
+        self.tar = tarfile.open(fileobj=self.hashed, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8")
+        self.lines: list[str] = []
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        fields = []
+        for ext, data in members:
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.type = len(data), 0, 0o444, tarfile.REGTYPE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self.tar.addfile(info, io.BytesIO(data))
+            # tarfile pads the data to whole 512-byte blocks; the data starts that far before the new end.
+            offset = self.tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            fields.append(f"{ext} {offset} {len(data)} {info.name}")
+        self.lines.append(" ".join(fields))
+
+    def finish(self) -> dict:
+        """Close, fsync and rename the tar, write its index; return the shard's manifest entry."""
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        tar_path, idx_path = self.out / f"{self.name}.tar", self.out / f"{self.name}.idx"
+        os.replace(self.tmp, tar_path)
+        idx = (f"{IDX_VERSION} {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)).encode()
+        write_atomic(idx_path, idx)
+        return {"tar": tar_path.name, "idx": idx_path.name, "count": len(self.lines), "bytes": self.hashed.pos,
+                "sha256": self.hashed.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx).hexdigest()}
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(out: Path, entry: dict) -> bool:
+    """True when the shard's tar and index on disk are the ones the entry describes."""
+    if entry.get("count", 0) == 0:
+        return True
+    try:
+        tar, idx = out / entry["tar"], out / entry["idx"]
+        return (tar.stat().st_size == entry["bytes"] and _sha256(tar) == entry["sha256"]
+                and _sha256(idx) == entry["idx_sha256"])
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The output folder: what is already there, and whether it is ours.
+# --------------------------------------------------------------------------------------------------------------------
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def previous_entries(out: Path, identity: dict, plan: Plan, overwrite: bool) -> dict[str, dict]:
+    """Shard entries (with their skipped files) of an earlier run of the same job in OUT, checked for ownership.
+
+    Raises PrepareError when OUT holds another dataset or files that are not ours, unless overwrite.
+    """
+    if not out.exists():
+        return {}
+    if not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder")
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if not OWN_FILE.match(n)]
+    partial, manifest = _load_json(out / PARTIAL), _load_json(out / MANIFEST)
+    state = partial if (out / PARTIAL).exists() else manifest
+    ours = [n for n in names if OWN_FILE.match(n) and not n.endswith(".tmp")]
+    if foreign:
+        problem = f"holds files that prepare_shards did not write ({', '.join(foreign[:3])}" + \
+            (", ...)" if len(foreign) > 3 else ")")
+    elif ours and state is None:
+        problem = f"holds {ours[0]} without a readable {MANIFEST} or {PARTIAL}"
+    elif state is not None and state.get("identity") != identity:
+        problem = f"holds a different dataset ({_identity_diff(state.get('identity'), identity)})"
+    else:
+        problem = None
+    if problem is not None:
+        if not overwrite:
+            raise PrepareError(f"{out}: {problem}; pass --overwrite to replace our files in it "
+                               "(files of other programs are left alone)")
+        console.print(f"[yellow]--overwrite: {out} {problem}; replacing our files only")
+        return {}
+    if state is None:
+        return {}
+    if state is partial:
+        return dict(partial.get("shards", {}))
+    # A finished run: its skipped files are reassigned to the shards whose sources they are.
+    entries = {}
+    skipped = {s["file"]: s for s in manifest.get("skipped", [])}
+    by_name = {sp.name: sp for v in plan.shards.values() for sp in v}
+    for split in manifest.get("splits", {}).values():
+        for entry in split.get("shards", []):
+            sp = by_name.get(Path(entry.get("tar", "")).stem)
+            if sp is not None:
+                entries[sp.name] = dict(entry, skipped=[skipped[s.file] for s in sp.samples if s.file in skipped])
+    return entries
+
+
+def _identity_diff(old, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "unknown arguments"
+    diffs = [f"{k} {old.get('args', {}).get(k)!r} != {v!r}" for k, v in new["args"].items()
+             if old.get("args", {}).get(k) != v]
+    if old.get("source") != new["source"]:
+        diffs.append("another source")
+    return ", ".join(diffs) or "different"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The job.
+# --------------------------------------------------------------------------------------------------------------------
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} img/s", style="cyan")
+
+
+def check_config(cfg: PrepareConfig) -> None:
+    """Raise PrepareError naming the first argument out of range."""
+    checks = [
+        (bool(cfg.src), "--src is required"),
+        (bool(cfg.out), "--out is required"),
+        (16 <= cfg.size <= 256, f"--size must be in 16..256, got {cfg.size}"),
+        (cfg.crop in ("celeba", "center"), f"--crop must be celeba or center, got {cfg.crop!r}"),
+        (cfg.format in ("jpg", "png"), f"--format must be jpg or png, got {cfg.format!r}"),
+        (1 <= cfg.quality <= 100, f"--quality must be in 1..100, got {cfg.quality}"),
+        (cfg.samples_per_shard >= 1, f"--samples-per-shard must be >= 1, got {cfg.samples_per_shard}"),
+        (cfg.split in ("all",) + SPLITS, f"--split must be all, train, valid or test, got {cfg.split!r}"),
+        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (0.0 <= cfg.max_bad_fraction <= 1.0, f"--max-bad-fraction must be in 0..1, got {cfg.max_bad_fraction}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PrepareError(message)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Write the shards, indexes and manifest of cfg.src into cfg.out; return the manifest.
+
+    Raises PrepareError (nothing written) for bad arguments or input, TooManyBadInputs (manifest written) when more
+    than cfg.max_bad_fraction of the inputs were skipped.
+    """
+    start = time.perf_counter()
+    check_config(cfg)
+    console.print(f"[bold]prepare_shards[/] {dataclasses.asdict(cfg)}")
+
+    # Read the source and plan every shard before touching OUT.
+    src, out = Path(cfg.src).expanduser().absolute(), Path(cfg.out).expanduser().absolute()
+    if not src.exists():
+        raise PrepareError(f"{src}: no such file or folder (--src)")
+    src, out = src.resolve(), out.resolve()
+    if src.is_dir() and (out == src or src in out.parents):
+        raise PrepareError(f"{out}: is inside the source {src}; choose an --out outside it")
+    source = find_source(src)
+    plan = make_plan(source, cfg)
+    console.print(f"source: [bold]{source.layout}[/] layout at {source.zip_path or source.path}; "
+                  f"{len(source.files)} files; attributes from "
+                  f"{source.attr_file.name if source.attr_file else 'none'}; splits from "
+                  f"{source.partition_file.name if source.partition_file else 'none (all train)'}")
+    identity = {"args": {k: getattr(cfg, k) for k in CONTENT_ARGS},
+                "source": {"layout": source.layout, "fingerprint": plan.fingerprint}}
+    prev = previous_entries(out, identity, plan, cfg.overwrite)
+
+    # Keep the shards an earlier run of this job finished; clear temp files it left.
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        if OWN_FILE.match(p.name) and p.name.endswith(".tmp"):
+            p.unlink()
+    manifest_old = _load_json(out / MANIFEST)
+    if manifest_old is not None and manifest_old.get("identity") != identity:
+        (out / MANIFEST).unlink()  # it describes a dataset that is about to be replaced
+    done: dict[str, dict] = {}
+    for shards in plan.shards.values():
+        for sp in shards:
+            if sp.name in prev and _verified(out, prev[sp.name]):
+                done[sp.name] = prev[sp.name]
+    journal = {"version": MANIFEST_VERSION, "identity": identity, "shards": done}
+    write_atomic(out / PARTIAL, json.dumps(journal, indent=1).encode())
+    todo = [sp for shards in plan.shards.values() for sp in shards if sp.name not in done]
+    total = sum(len(sp.samples) for sp in todo)
+    if done:
+        console.print(f"keeping {len(done)} complete shard(s) from an earlier run; {len(todo)} to write")
+
+    # Decode in worker processes (ordered imap, so the output does not depend on timing); pack in this one.
+    workers = min(cfg.workers or _cpu_count(), max(total, 1))
+    settings = (cfg.size, cfg.crop, cfg.format, cfg.quality)
+    zip_arg = str(source.zip_path) if source.zip_path else None
+    refs = (s.ref for sp in todo for s in sp.samples)
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.Pool(workers, _init_worker, (settings, zip_arg))
+        results: Iterator = pool.imap(_process, refs, chunksize=32)
+    else:
+        _init_worker(settings, zip_arg)
+        results = map(_process, refs)
+    split_seconds = {s: 0.0 for s in plan.shards}
+    split_processed = {s: 0 for s in plan.shards}
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("sharding", total=total)
+            for sp in todo:
+                t0 = time.perf_counter()
+                writer = ShardWriter(out, sp.name) if sp.samples else None
+                skipped = []
+                try:
+                    for sample in sp.samples:
+                        image, reason = next(results)
+                        if image is None:
+                            skipped.append({"file": sample.file, "reason": reason, "split": sp.split})
+                        else:
+                            members = [(cfg.format, image)] if sample.attr is None else \
+                                [("attr", sample.attr), (cfg.format, image)]  # tar order = sorted extensions
+                            writer.add(sample.key, members)
+                        progress.advance(task)
+                    if len(skipped) == len(sp.samples):  # nothing decoded: no file (DALI rejects empty tars)
+                        writer.abort()
+                        entry = {"tar": None, "idx": None, "count": 0, "bytes": 0}
+                    else:
+                        entry = writer.finish()
+                except BaseException:
+                    if writer is not None:
+                        writer.abort()
+                    raise
+                done[sp.name] = dict(entry, skipped=skipped)
+                write_atomic(out / PARTIAL, json.dumps(journal, indent=1).encode())
+                split_seconds[sp.split] += time.perf_counter() - t0
+                split_processed[sp.split] += len(sp.samples)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        else:
+            _close_worker()
+
+    # The manifest, last; our shard files that it does not list (an earlier, different job) go.
+    splits: dict[str, dict] = {}
+    skipped = list(plan.skipped)
+    for split, shards in plan.shards.items():
+        entries = [done[sp.name] for sp in shards]
+        skipped += [s for e in entries for s in e["skipped"]]
+        kept = [{k: v for k, v in e.items() if k != "skipped"} for e in entries if e["count"] > 0]
+        splits[split] = {"count": sum(e["count"] for e in kept), "shards": kept}
+    listed = {e[k] for v in splits.values() for e in v["shards"] for k in ("tar", "idx")}
+    for p in out.iterdir():
+        if OWN_FILE.match(p.name) and p.suffix in (".tar", ".idx") and p.name not in listed:
+            p.unlink()
+    skipped.sort(key=lambda s: (s["file"], s["reason"]))
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "size": cfg.size,
+        "crop": cfg.crop,
+        "format": cfg.format,
+        "quality": cfg.quality,
+        "attributes": plan.attributes,
+        "splits": splits,
+        "skipped": skipped,
+        "source": {"layout": source.layout, "path": str(source.zip_path or source.path), "inputs": plan.inputs},
+        "identity": identity,
+        "args": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+    }
+    data = (json.dumps(manifest, indent=1) + "\n").encode()
+    if not (out / MANIFEST).exists() or (out / MANIFEST).read_bytes() != data:
+        write_atomic(out / MANIFEST, data)
+    (out / PARTIAL).unlink()
+    _fsync_dir(out)
+
+    # The summary.
+    seconds = time.perf_counter() - start
+    table = Table(title=f"prepare_shards -> {out}")
+    for col in ("split", "samples", "skipped", "shards", "bytes", "seconds", "images/s"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, v in splits.items():
+        sec, n = split_seconds[split], split_processed[split]
+        table.add_row(split, f"{v['count']:,}", f"{sum(1 for s in skipped if s['split'] == split):,}",
+                      str(len(v["shards"])), f"{sum(e['bytes'] for e in v['shards']):,}", f"{sec:.1f}",
+                      f"{n / sec:,.0f}" if sec > 0 else "-")
+    processed = sum(split_processed.values())
+    table.add_row("total", f"{sum(v['count'] for v in splits.values()):,}", f"{len(skipped):,}",
+                  str(sum(len(v["shards"]) for v in splits.values())),
+                  f"{sum(e['bytes'] for v in splits.values() for e in v['shards']):,}", f"{seconds:.1f}",
+                  f"{processed / seconds:,.0f}" if processed else "-", style="bold")
+    console.print(table)
+    for s in skipped[:20]:
+        console.print(f"  skipped {s['file']}: {s['reason']}")
+    if len(skipped) > 20:
+        console.print(f"  ... and {len(skipped) - 20} more (see {out / MANIFEST})")
+
+    bad = len(skipped) / max(plan.inputs, 1)
+    if bad > cfg.max_bad_fraction:
+        raise TooManyBadInputs(f"{out / MANIFEST}: {len(skipped)} of {plan.inputs} inputs ({bad:.1%}) were bad, more "
+                               f"than --max-bad-fraction {cfg.max_bad_fraction}; they are listed under \"skipped\"",
+                               manifest)
+    return manifest
+
+
+def _field_help() -> dict[str, str]:
+    """Each config field's one-line comment, for --help."""
+    import inspect
+
+    src = inspect.getsource(PrepareConfig)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def parse_args(argv: list[str] | None = None) -> PrepareConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    choices = {"crop": ("celeba", "center"), "format": ("jpg", "png"), "split": ("all",) + SPLITS}
+    for f in dataclasses.fields(PrepareConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name),
+                                required=f.name in ("src", "out"), choices=choices.get(f.name))
+    return PrepareConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    try:
+        return prepare(cfg)
+    except (PrepareError, TooManyBadInputs) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Session fixtures shared by every test file: a fake CelebA and its shards, built once per test session.
+
+    celeba_src  Path: a clean fake CelebA in the official layout, 203 images (163 train, 20 valid, 20 test)
+    shards      Path: prepare_shards output of celeba_src at --size 32 --format jpg --split all
+                --samples-per-shard 64 (several shards per split)
+    shards64    Path: the same at --size 64
+Treat them as read-only: they are shared by all tests of the session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CELEBA_COUNT = 203  # odd on purpose: the last shard of each split is partly filled
+SAMPLES_PER_SHARD = 64
+
+
+@pytest.fixture(scope="session")
+def celeba_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fake_celeba import make_fake_celeba
+
+    return make_fake_celeba(tmp_path_factory.mktemp("celeba_src") / "celeba", CELEBA_COUNT, seed=0,
+                            layout="official")
+
+
+def _shard(src: Path, out: Path, size: int) -> Path:
+    from prepare_shards import PrepareConfig, prepare
+
+    # One in-process worker: 203 small images take well under a second, and no processes are forked under pytest.
+    prepare(PrepareConfig(src=str(src), out=str(out), size=size, format="jpg", split="all",
+                          samples_per_shard=SAMPLES_PER_SHARD, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(celeba_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _shard(celeba_src, tmp_path_factory.mktemp("shards") / "shards32", 32)
+
+
+@pytest.fixture(scope="session")
+def shards64(celeba_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _shard(celeba_src, tmp_path_factory.mktemp("shards64") / "shards64", 64)
