@@ -21,6 +21,7 @@ Only PIL, numpy and the standard library are used.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import sys
@@ -129,11 +130,12 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, bool]:
 # Drawing: one face for one attribute row.
 # --------------------------------------------------------------------------------------------------------------------
 
-# Hair colours for the four CelebA colours, and for the "none of them" third (auburn, dark brown, red, near-black).
+# Hair colours for the four CelebA colours, and for the "none of them" third (auburn, dark brown, copper, near-black).
 HAIR_COLOURS = {
-    "Black_Hair": (24, 20, 22), "Blond_Hair": (228, 196, 112), "Brown_Hair": (112, 72, 40), "Gray_Hair": (172, 170, 166),
+    "Black_Hair": (24, 20, 22), "Blond_Hair": (228, 196, 112),
+    "Brown_Hair": (112, 72, 40), "Gray_Hair": (172, 170, 166),
 }
-OTHER_HAIR = ((140, 62, 30), (70, 48, 34), (178, 88, 44), (48, 36, 30))
+OTHER_HAIR = ((112, 56, 34), (70, 48, 34), (150, 76, 40), (52, 40, 32))
 IRIS_COLOURS = ((70, 45, 25), (50, 90, 150), (70, 110, 70), (40, 30, 20))
 STYLE_KEYS = (
     "dx dy scale angle bg_r bg_g bg_b skin skin_hue hair_pick hair_len hair_vol wave_phase eye_gap eye_y eye_w iris "
@@ -144,6 +146,11 @@ STYLE_KEYS = (
 
 def _mix(c1: Sequence[float], c2: Sequence[float], t: float) -> tuple[int, int, int]:
     return tuple(int(round(a + (b - a) * t)) for a, b in zip(c1, c2))  # type: ignore[return-value]
+
+
+_UNIT_CIRCLE = np.stack([np.cos(np.linspace(0, 2 * np.pi, 40, endpoint=False)),
+                         np.sin(np.linspace(0, 2 * np.pi, 40, endpoint=False))], axis=1)
+_UNIT_CIRCLE_SMALL = _UNIT_CIRCLE[::3]  # tiny dots (pupils, earrings) need fewer points
 
 
 def _ellipse_pts(cx: float, cy: float, rx: float, ry: float, t0: float, t1: float, n: int = 48,
@@ -178,8 +185,8 @@ class _Painter:
         return max(1, int(round(width * self.k * SUPERSAMPLE)))
 
     def ellipse(self, cx, cy, rx, ry, fill=None, outline=None, width=1.0):
-        n = 16 if max(rx, ry) < 3 else 40
-        pts = self.xy(_ellipse_pts(cx, cy, rx, ry, 0.0, 2 * np.pi, n)[:-1])
+        unit = _UNIT_CIRCLE_SMALL if max(rx, ry) < 3 else _UNIT_CIRCLE
+        pts = self.xy(unit * (rx, ry) + (cx, cy))
         if fill is not None:
             self.draw.polygon(pts, fill=fill)
         if outline is not None:
@@ -206,9 +213,14 @@ class _Painter:
 
 def _quad(p0, p1, p2, n: int = 12) -> list[tuple[float, float]]:
     """Quadratic Bezier from p0 to p2 with control point p1."""
-    t = np.linspace(0.0, 1.0, n)[:, None]
-    pts = (1 - t) ** 2 * np.array(p0) + 2 * (1 - t) * t * np.array(p1) + t ** 2 * np.array(p2)
-    return [tuple(p) for p in pts]
+    w = _bezier_weights(n)
+    return list(map(tuple, (w @ np.array((p0, p1, p2), dtype=np.float64)).tolist()))
+
+
+@functools.lru_cache(maxsize=None)
+def _bezier_weights(n: int) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, n)
+    return np.stack([(1 - t) ** 2, 2 * (1 - t) * t, t ** 2], axis=1)
 
 
 def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generator | int) -> Image.Image:
