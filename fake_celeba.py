@@ -330,8 +330,9 @@ def draw_face(attrs: Mapping[str, bool] | Sequence[int], rng: np.random.Generato
         left = _quad((-fw, fcy + 2.0), (-fw * 0.55, top + 2.0), (0.0, top), 8)
         return left + [(-x, y) for x, y in reversed(left[:-1])]
 
-    if not a["No_Beard"] and not (a["Mustache"] or a["Goatee"]) or (
-            not a["No_Beard"] and st["shade"] < 0.3):
+    # No_Beard false means a full beard, unless a mustache or goatee alone explains it (then a beard sometimes).
+    full_beard = not a["No_Beard"] and (not (a["Mustache"] or a["Goatee"]) or st["shade"] < 0.3)
+    if full_beard:
         pt.polygon(face_pts(0.02, np.pi - 0.02) + cheek_line(mouth_y - 7.0), _mix(hair, hair_dark, 0.5))
         pt.ellipse(0.0, mouth_y + 1.5, 13.0, 7.5, fill=skin)  # skin left around the mouth
     elif a["5_o_Clock_Shadow"]:

@@ -2,6 +2,7 @@
 
 import csv
 import hashlib
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -23,7 +24,6 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def _check_image(data: bytes) -> None:
     assert data[:3] == b"\xff\xd8\xff"  # JPEG magic
-    import io
     with Image.open(io.BytesIO(data)) as im:
         assert im.format == "JPEG" and im.mode == "RGB" and im.size == (178, 218)
 
