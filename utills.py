@@ -146,7 +146,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused: all mean "not a usable checkpoint"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # weights_only refusals explain themselves on the "Unsupported global" line, not the first one.
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         raise CheckpointError(f"{path}: cannot be loaded ({reason[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (found {type(ckpt).__name__})")
