@@ -305,7 +305,7 @@ def sample_images(loaded: Loaded, cfg: SampleConfig, start: int, count: int,
     return out.float().cpu()
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=False)
 
@@ -319,7 +319,7 @@ def sample_n(loaded: Loaded, cfg: SampleConfig, n: int | None = None) -> torch.T
     """Images 0..n-1 -> [n, C, H, W] in [-1, 1] (CPU), batch by batch with a progress bar."""
     n = cfg.n if n is None else n
     out = []
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"sampling {cfg.sampler}-{cfg.steps}", total=n)
         for start, count in batches(n, cfg.batch_size):
             out.append(sample_images(loaded, cfg, start, count))
@@ -395,7 +395,7 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
     have = existing_images(outdir, n)
     todo = [(s, c) for s, c in batches(n, cfg.batch_size) if not all(i in have for i in range(s, s + c))]
     made = 0
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"{outdir.name}: {cfg.sampler}-{cfg.steps}", total=n, completed=n - sum(c for _, c in todo))
         for start, count in todo:
             pictures = to_uint8(sample_images(loaded, cfg, start, count))
