@@ -1,0 +1,535 @@
+"""Stream the shards of prepare_shards.py as training batches: a DALI pipeline or a plain PyTorch one.
+
+    loader = make_loader("shards", 256, backend="dali", device="cuda", dtype=torch.float16)
+    for batch in loader:             # one epoch; iterate again for the next, with a new shuffle
+        x = batch["image"]           # [B, 3, S, S] in [-1, 1], dtype, on device
+        a = batch["attr"]            # [B, 40] int64 0/1 (when the shards have attributes)
+    ckpt["data_state"] = loader.state_dict()          # plain values and bytes: weights_only-safe
+    make_loader("shards", 256, state=ckpt["data_state"])  # continues with exactly the batches that came next
+
+Both backends give rank r of W the same contiguous part of the split (DALI's stick_to_shard split: samples
+[floor(r N / W), floor((r+1) N / W)) of the split's samples in manifest order), each sample once per epoch.
+
+- "dali": fn.readers.webdataset over the tars and their DALI indexes, JPEG decode on the GPU ("mixed") or the CPU,
+  a coin flip and crop_mirror_normalize to CHW. The reader shuffles in a buffer of `initial_fill` samples (the
+  shards are already shuffled on disk). The position (reader, shuffle RNG, flip RNG, iterator counters) is DALI's
+  own checkpoint, taken from the iterator.
+- "torch": a global permutation of this rank's samples per epoch from (seed, epoch, rank), flips from
+  (seed, epoch, rank) by position in the epoch; DataLoader workers read each sample by its offset in the DALI
+  index (one pread; Python's tarfile parsing costs as much as the JPEG decode) and decode it with webdataset's PIL
+  image handler. The position is (epoch, batches consumed): a resumed loader skips the consumed batches without
+  reading them. The same samples give the same pixels as DALI's CPU decoder to within 1-2/255.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
+HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default; untuned here)
+DALI_PIP = "pip install nvidia-dali-cuda130 (CUDA 13 drivers) or nvidia-dali-cuda120 (CUDA 12 drivers)"
+STATE_KEYS = ("backend", "split", "seed", "rank", "world_size", "batch_size", "shuffle", "flip", "drop_last",
+              "num_samples")
+
+
+class DataError(ValueError):
+    """Bad shards, manifest or arguments: a one-line message naming the file."""
+
+
+class ShardReadError(RuntimeError):
+    """A shard that could not be read while iterating (truncated or corrupt): a one-line message naming the file."""
+
+
+class DaliMissingError(RuntimeError):
+    """backend="dali" without nvidia-dali installed."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifest and start-up checks
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest.json of a shard folder, checked for the fields the loaders use."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest here (make shards with prepare_shards.py)")
+    try:
+        manifest = json.loads(path.read_text())
+        size, fmt, splits = int(manifest["size"]), manifest["format"], manifest["splits"]
+        if not isinstance(splits, dict) or fmt not in ("jpg", "png") or size <= 0:
+            raise ValueError("bad 'size', 'format' or 'splits'")
+        for name, split in splits.items():
+            for shard in split["shards"]:
+                _ = shard["tar"], shard["idx"], int(shard["count"]), int(shard["bytes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    return manifest
+
+
+def _check_shards(data_dir: Path, manifest: dict, split: str, verify: bool) -> list[dict]:
+    """The split's shard entries after checking that every tar and idx is there, the right size and index count."""
+    path = data_dir / MANIFEST
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        have = ", ".join(manifest["splits"]) or "none"
+        raise DataError(f"{path}: no split {split!r} in the manifest (it has: {have})")
+    shards = [s for s in entry["shards"] if int(s["count"]) > 0]
+    if not shards or int(entry.get("count", 0)) <= 0:
+        raise DataError(f"{path}: split {split!r} is empty")
+    if sum(int(s["count"]) for s in shards) != int(entry["count"]):
+        raise DataError(f"{path}: split {split!r} count {entry['count']} != the sum of its shards' counts")
+    for s in shards:
+        tar, idx = data_dir / s["tar"], data_dir / s["idx"]
+        for f in (tar, idx):
+            if not f.is_file():
+                raise FileNotFoundError(f"{f}: missing (listed in {path}); re-run prepare_shards.py")
+        if tar.stat().st_size != int(s["bytes"]):
+            raise DataError(f"{tar}: {tar.stat().st_size} bytes but the manifest says {s['bytes']} "
+                            "(truncated or rewritten); re-run prepare_shards.py")
+        with open(idx, "rb") as f:
+            head = f.readline().split()
+        if len(head) != 2 or head[0] != b"v1.2" or not head[1].isdigit() or int(head[1]) != int(s["count"]):
+            raise DataError(f"{idx}: not a v1.2 DALI index of {s['count']} samples (header {b' '.join(head)!r})")
+        if verify:
+            for f, key in ((tar, "sha256"), (idx, "idx_sha256")):
+                if key in s and _sha256(f) != s[key]:
+                    raise DataError(f"{f}: sha256 differs from the manifest (corrupt or rewritten); "
+                                    "re-run prepare_shards.py")
+    return shards
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank's [start, stop) of the split's samples: DALI's shard split (readers' start_index)."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn("data: CUDA is not available; the loader runs on the CPU", stacklevel=3)
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loader: epoch and position bookkeeping shared by both backends
+
+
+class Loader:
+    """One epoch per iteration over this rank's samples; see the module docstring.
+
+    Attributes: image_size (S), attributes (names, [] without), num_samples (this rank's samples per epoch),
+    batch_size, drop_last, device, dtype, backend, epoch (the epoch the current or next iteration belongs to).
+    Iterating again after a partial iteration continues the same epoch where it stopped.
+    """
+
+    backend = ""
+
+    def __init__(self, data_dir: Path, manifest: dict, shards: list[dict], batch_size: int, *, split: str,
+                 device: torch.device, shuffle: bool, flip: bool, seed: int, rank: int, world_size: int,
+                 dtype: torch.dtype, drop_last: bool, num_threads: int | None, keys: bool):
+        self.data_dir, self.shards, self.split = data_dir, shards, split
+        self.image_size = int(manifest["size"])
+        self.format = manifest["format"]
+        self.attributes = list(manifest.get("attributes") or [])
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self.shuffle, self.flip, self.seed, self.drop_last = shuffle, flip, seed, drop_last
+        self.rank, self.world_size, self.num_threads, self.keys = rank, world_size, num_threads, keys
+        self.total = sum(int(s["count"]) for s in shards)
+        self.start, self.stop = rank_range(self.total, rank, world_size)
+        self.num_samples = self.stop - self.start
+        if drop_last:
+            # Every rank stops after the same number of full batches (DDP needs equal steps), so a rank with one
+            # sample more than the smallest rank may drop a batch more.
+            self._len = (self.total // world_size) // batch_size
+            if self._len == 0:
+                raise DataError(f"{data_dir / MANIFEST}: split {split!r} has {self.num_samples} samples on rank "
+                                f"{rank}: fewer than one batch of {batch_size} with drop_last=True")
+        else:
+            self._len = math.ceil(self.num_samples / batch_size)
+        self._epoch, self._batches = 0, 0  # position: batches of `_epoch` already yielded
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        self._roll()
+        return self._epoch
+
+    def _roll(self) -> None:
+        if self._batches >= self._len:
+            self._epoch, self._batches = self._epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._roll()
+        batches = self._epoch_batches()
+        while self._batches < self._len:
+            batch = next(batches)
+            self._batches += 1
+            if self._batches == self._len:
+                self._finish_epoch()
+            yield batch
+        self._roll()
+
+    def state_dict(self) -> dict:
+        """Position as plain values (and DALI's checkpoint as bytes): fits torch.load(weights_only=True)."""
+        self._roll()
+        state = {k: getattr(self, k) for k in STATE_KEYS}
+        state.update(epoch=self._epoch, batches=self._batches, samples=self._samples_before(self._batches))
+        return state
+
+    def _samples_before(self, batches: int) -> int:
+        return min(batches * self.batch_size, self.num_samples)
+
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS + ("epoch", "batches")):
+            raise DataError(f"{self.data_dir / MANIFEST}: data state is not a loader state_dict()")
+        differ = [f"{k}={state[k]!r} (now {getattr(self, k)!r})" for k in STATE_KEYS if state[k] != getattr(self, k)]
+        if differ:
+            raise DataError(f"{self.data_dir / MANIFEST}: cannot resume the data position: " + ", ".join(differ))
+        if not 0 <= int(state["batches"]) <= self._len:
+            raise DataError(f"{self.data_dir / MANIFEST}: data state at batch {state['batches']} of {self._len}")
+        self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
+
+    # Backends implement these.
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        """The remaining batches of the current epoch, from batch `self._batches` on."""
+        raise NotImplementedError
+
+    def _finish_epoch(self) -> None:
+        """Called before the epoch's last batch is handed out, so state_dict() then points at the next epoch."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALI backend
+
+
+def _import_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as e:
+        raise DaliMissingError(f"data: backend='dali' needs NVIDIA DALI ({e}): {DALI_PIP}; "
+                               "or use backend='torch'") from None
+    return fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy
+
+
+class DaliLoader(Loader):
+    backend = "dali"
+
+    def __init__(self, *args, prefetch: int = 2, initial_fill: int = INITIAL_FILL, state: dict | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy = _import_dali()
+        checkpoint = None
+        if state is not None:
+            self._check_state(state)
+            checkpoint = state.get("dali")
+            if not isinstance(checkpoint, bytes):
+                raise DataError(f"{self.data_dir / MANIFEST}: data state has no DALI checkpoint")
+        gpu = self.device.type == "cuda"
+        threads = self.num_threads or (min(4, os.cpu_count() or 1) if gpu else (os.cpu_count() or 1))
+        S = self.image_size
+        # The seed covers the reader's shuffle buffer and the coin flips; ranks differ so their flips differ.
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=threads, device_id=self.device.index if gpu else None,
+                        seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=prefetch,
+                        enable_checkpointing=True, checkpoint=checkpoint)
+        with pipe:
+            exts = [self.format] + (["attr"] if self.attributes else [])
+            outs = fn.readers.webdataset(
+                paths=[str(self.data_dir / s["tar"]) for s in self.shards],
+                index_paths=[str(self.data_dir / s["idx"]) for s in self.shards],
+                ext=exts, missing_component_behavior="error", dtypes=[types.UINT8, types.INT8][:len(exts)],
+                random_shuffle=self.shuffle, initial_fill=max(1, min(initial_fill, self.num_samples)),
+                shard_id=self.rank, num_shards=self.world_size,
+                # Each rank keeps its part; pad_last_batch makes the reader end every epoch on a batch boundary
+                # (the iterator's PARTIAL policy trims the padding), so no epoch borrows from the next.
+                stick_to_shard=True, pad_last_batch=True,
+                # Plain reads: a tar truncated under a memory map would kill the process with SIGBUS.
+                dont_use_mmap=True, name="Reader")
+            if not isinstance(outs, (list, tuple)):
+                outs = [outs]
+            encoded = outs[0]
+            if gpu:
+                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                                           hw_decoder_load=HW_DECODER_LOAD, preallocate_width_hint=S,
+                                           preallocate_height_hint=S)
+            else:
+                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+            native = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
+            images = fn.crop_mirror_normalize(
+                images, dtype=native.get(self.dtype, types.FLOAT), output_layout="CHW", mean=[127.5] * 3,
+                std=[127.5] * 3, mirror=fn.random.coin_flip(probability=0.5) if self.flip else 0)
+            outputs, self._names = [images], ["image"]
+            if self.attributes:
+                outputs.append(outs[1].gpu() if gpu else outs[1])
+                self._names.append("attr")
+            if self.keys:
+                # "tar_path:offset:name" per sample, zero-padded to the longest in the batch so it stays dense.
+                outputs.append(fn.pad(fn.get_property(encoded, key="source_info"), axes=[0]))
+                self._names.append("key")
+            pipe.set_outputs(*outputs)
+        try:
+            self._iter = DALIGenericIterator(pipe, self._names, reader_name="Reader", auto_reset=True,
+                                             last_batch_policy=LastBatchPolicy.PARTIAL)
+        except RuntimeError as e:
+            raise self._read_error(e) from None
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["dali"] = bytes(self._iter.checkpoints()[0])
+        return state
+
+    def _read_error(self, e: Exception) -> Exception:
+        """DALI's multi-line error as one line naming the tar (found by its size when DALI does not say)."""
+        text = str(e)
+        named = [s["tar"] for s in self.shards if s["tar"] in text]
+        changed = [s["tar"] for s in self.shards
+                   if not (self.data_dir / s["tar"]).is_file()
+                   or (self.data_dir / s["tar"]).stat().st_size != int(s["bytes"])]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Stacktrace", "["))]
+        reason = lines[0] if lines else type(e).__name__
+        for tar in changed or named:
+            why = "truncated or changed since start-up; " if changed else ""
+            return ShardReadError(f"{self.data_dir / tar}: cannot read ({why}DALI: {reason[:200]})")
+        return ShardReadError(f"{self.data_dir}: DALI failed while reading: {reason[:300]}")
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        while True:
+            try:
+                out = next(self._iter)[0]
+            except StopIteration:
+                raise RuntimeError("data: DALI ended the epoch early (internal error)") from None
+            except RuntimeError as e:
+                raise self._read_error(e) from None
+            n = out["image"].shape[0]
+            if n == 0:  # a rank with fewer samples gets an all-padding batch at the end: not a batch
+                continue
+            yield self._convert(out)
+
+    def _convert(self, out: dict) -> dict:
+        batch = {"image": out["image"] if out["image"].dtype == self.dtype else out["image"].to(self.dtype)}
+        if "attr" in out:
+            batch["attr"] = out["attr"].long()
+        if "key" in out:
+            batch["key"] = [_key_from_source_info(row) for row in out["key"].numpy()]
+        return batch
+
+    def _finish_epoch(self) -> None:
+        # Drain what DALI still holds of this epoch (padding-only or dropped batches) so that the iterator resets
+        # to the next epoch now and a checkpoint taken during the last batch restores into the next epoch.
+        try:
+            while True:
+                next(self._iter)
+        except StopIteration:
+            pass
+        except RuntimeError as e:
+            raise self._read_error(e) from None
+
+
+def _key_from_source_info(row: np.ndarray) -> str:
+    name = bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1]
+    return name.split(".", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PyTorch backend
+
+
+class _SampleIndex:
+    """Where each of the rank's samples lies: tar, byte range, offsets of the image and attribute data."""
+
+    def __init__(self, data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, has_attr: bool):
+        self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
+        first = 0
+        for shard in shards:
+            count = int(shard["count"])
+            lo, hi = max(start, first) - first, min(stop, first + count) - first
+            first += count
+            if lo >= hi:
+                continue
+            idx_path = data_dir / shard["idx"]
+            self.tars.append(str(data_dir / shard["tar"]))
+            lines = idx_path.read_text().splitlines()[1:]
+            for line_no in range(lo, hi):
+                parts = lines[line_no].split() if line_no < len(lines) else []
+                comps = {p[3].rsplit(".", 1)[-1]: (int(p[1]), int(p[2])) for p in
+                         (parts[i:i + 4] for i in range(0, len(parts), 4)) if len(p) == 4 and p[1].isdigit()}
+                if fmt not in comps or (has_attr and comps.get("attr", (0, 0))[1] != 40):
+                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}" + (" or 40-byte attr" if has_attr
+                                                                                  else "") + f" entry: {parts}")
+                begin = min(o for o, _ in comps.values())
+                end = max(o + n for o, n in comps.values())
+                tar_ids.append(len(self.tars) - 1)
+                offsets.append(begin)
+                lengths.append(end - begin)
+                img.append((comps[fmt][0] - begin, comps[fmt][1]))
+                attr.append(comps["attr"][0] - begin if has_attr else -1)
+                keys.append(parts[3].split(".", 1)[0])
+        self.tar_ids = np.asarray(tar_ids, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.lengths = np.asarray(lengths, np.int64)
+        self.img = np.asarray(img, np.int64).reshape(-1, 2)
+        self.attr = np.asarray(attr, np.int64)
+        self.keys = keys
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Reads and decodes one batch, given as (local sample indices, flips); runs in DataLoader workers."""
+
+    def __init__(self, index: _SampleIndex, fmt: str, size: int, has_attr: bool):
+        import webdataset.autodecode
+
+        self.index, self.fmt, self.size, self.has_attr = index, fmt, size, has_attr
+        self.decode = webdataset.autodecode.imagehandler("rgb8")  # PIL -> HWC uint8 numpy
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __getitem__(self, item: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        samples, flips = item
+        if self._pid != os.getpid():  # file descriptors per process (workers are forked)
+            self._fds, self._pid = {}, os.getpid()
+        ix, S = self.index, self.size
+        images = np.empty((len(samples), S, S, 3), np.uint8)
+        attrs = np.empty((len(samples), 40), np.int8)
+        for j, i in enumerate(samples):
+            tar = int(ix.tar_ids[i])
+            fd = self._fds.get(tar)
+            if fd is None:
+                fd = self._fds[tar] = os.open(ix.tars[tar], os.O_RDONLY)
+            length = int(ix.lengths[i])
+            data = os.pread(fd, length, int(ix.offsets[i]))
+            if len(data) != length:
+                raise ShardReadError(f"{ix.tars[tar]}: truncated: sample {ix.keys[i]} needs bytes "
+                                     f"{ix.offsets[i]}..{ix.offsets[i] + length}, the file has {os.fstat(fd).st_size}")
+            o, n = ix.img[i]
+            try:
+                image = self.decode(self.fmt, data[o:o + n])
+            except Exception as e:
+                raise ShardReadError(f"{ix.tars[tar]}: sample {ix.keys[i]}: cannot decode its {self.fmt} "
+                                     f"({type(e).__name__}: {e})") from None
+            if image.shape != (S, S, 3):
+                raise ShardReadError(f"{ix.tars[tar]}: sample {ix.keys[i]} is {image.shape}, not {S}x{S} RGB")
+            images[j] = image[:, ::-1] if flips[j] else image
+            if self.has_attr:
+                attrs[j] = np.frombuffer(data, np.int8, 40, int(ix.attr[i]))
+        batch = {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+                 "key": [ix.keys[i] for i in samples]}
+        if self.has_attr:
+            batch["attr"] = torch.from_numpy(attrs)
+        return batch
+
+
+class _EpochPlan(torch.utils.data.Sampler):
+    """Yields the remaining batches of the loader's current epoch as (local sample indices, flips)."""
+
+    def __init__(self, loader: "TorchLoader"):
+        self.loader = weakref.ref(loader)  # no reference cycle: a dropped loader shuts its workers down at once
+
+    def __iter__(self):
+        ld = self.loader()
+        order, flips = ld.plan(ld._epoch)
+        for b in range(ld._batches, len(ld)):
+            sl = slice(b * ld.batch_size, min((b + 1) * ld.batch_size, ld.num_samples))
+            yield order[sl], flips[sl]
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def __init__(self, *args, state: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if state is not None:
+            self._check_state(state)
+        index = _SampleIndex(self.data_dir, self.shards, self.start, self.stop, self.format, bool(self.attributes))
+        workers = self.num_threads if self.num_threads is not None else min(os.cpu_count() or 1, 8)
+        self._loader = torch.utils.data.DataLoader(
+            _BatchReader(index, self.format, self.image_size, bool(self.attributes)), batch_size=None,
+            sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's order of the rank's samples and each position's flip, from (seed, epoch, rank) alone."""
+        n = self.num_samples
+        order = np.random.default_rng([self.seed, epoch, self.rank, 0]).permutation(n) if self.shuffle \
+            else np.arange(n)
+        flips = np.random.default_rng([self.seed, epoch, self.rank, 1]).random(n) < 0.5 if self.flip \
+            else np.zeros(n, bool)
+        return order, flips
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        batches = iter(self._loader)
+        while True:
+            try:
+                out = next(batches)
+            except ShardReadError as e:  # from a worker: the message carries its traceback; keep the last line
+                last = str(e).strip().splitlines()[-1]
+                raise ShardReadError(last.split("ShardReadError: ", 1)[-1]) from None
+            image = out["image"].to(self.device, non_blocking=True)
+            batch = {"image": image.float().sub_(127.5).div_(127.5).to(self.dtype)}
+            if "attr" in out:
+                batch["attr"] = out["attr"].to(self.device, non_blocking=True).long()
+            if self.keys:
+                batch["key"] = out["key"]
+            yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", backend: str = "dali",
+                device: str | torch.device = "cuda", shuffle: bool = True, flip: bool = True, seed: int = 0,
+                rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32, drop_last: bool = False,
+                num_threads: int | None = None, state: dict | None = None, verify: bool = False,
+                keys: bool = False) -> Loader:
+    """A Loader over the shards in `data_dir` (see the module docstring).
+
+    num_threads: DALI's CPU threads, or the torch backend's DataLoader workers (0: in the calling process).
+    verify: also compare every tar's and index's sha256 with the manifest at start-up (sizes are always checked).
+    keys: add "key" (list of the samples' keys, e.g. "000123") to each batch.
+    state: a state_dict() of a loader with the same arguments: continue where it was taken.
+    """
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"data: backend must be 'dali' or 'torch', not {backend!r}")
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"data: need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, "
+                         f"{rank}, {world_size})")
+    if state is not None and state.get("backend") != backend:
+        raise DataError(f"{Path(data_dir) / MANIFEST}: data state is from backend {state.get('backend')!r}, "
+                        f"not {backend!r}")
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    shards = _check_shards(data_dir, manifest, split, verify)
+    total = sum(int(s["count"]) for s in shards)
+    if total < world_size:
+        raise DataError(f"{data_dir / MANIFEST}: split {split!r} has {total} samples, fewer than {world_size} ranks")
+    cls = DaliLoader if backend == "dali" else TorchLoader
+    if backend == "dali":
+        _import_dali()  # fail with the pip hint before anything else
+    return cls(data_dir, manifest, shards, batch_size, split=split, device=_resolve_device(device),
+               shuffle=shuffle, flip=flip, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
+               drop_last=drop_last, num_threads=num_threads, keys=keys, state=state)
