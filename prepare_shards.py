@@ -328,8 +328,33 @@ def _close_worker() -> None:
     _WORKER.clear()
 
 
-def _process(ref: str) -> tuple[bytes | None, str | None]:
-    """Read and transform one source: (encoded image, None) or (None, why it was skipped)."""
+def tar_member(name: str, data: bytes) -> tuple[bytes, int]:
+    """One regular file as tar bytes (GNU header, data, zero padding to 512) and the data's offset in them.
+
+    The header holds no time, owner or source mode, so the same name and data always give the same bytes.
+    """
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.type = len(data), 0, 0o444, tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    return header + data + tarfile.NUL * (-len(data) % tarfile.BLOCKSIZE), len(header)
+
+
+def pack_sample(key: str, members: list[tuple[str, bytes]]) -> tuple[bytes, list[tuple[str, int, int, str]]]:
+    """A webdataset sample as tar bytes, and (ext, data offset within them, size, name) for each member."""
+    blob, fields = b"", []
+    for ext, data in members:
+        name = f"{key}.{ext}"
+        member, data_offset = tar_member(name, data)
+        fields.append((ext, len(blob) + data_offset, len(data), name))
+        blob += member
+    return blob, fields
+
+
+def _process(task: tuple[str, str, bytes | None]) -> tuple[bytes | None, list | str]:
+    """Read, transform and pack one source (ref, key, attr): (tar bytes, index fields) or (None, why skipped)."""
+    ref, key, attr = task
     try:
         zf = _WORKER["zip"]
         if zf is not None:
@@ -342,11 +367,14 @@ def _process(ref: str) -> tuple[bytes | None, str | None]:
     if not data:
         return None, "empty file (0 bytes)"
     try:
-        return transform(data, *_WORKER["settings"]), None
+        image = transform(data, *_WORKER["settings"])
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
         if isinstance(e, Image.UnidentifiedImageError):
             return None, "not an image: cannot identify image file"
         return None, f"cannot decode: {_one_line(e)}"
+    fmt = _WORKER["settings"][2]
+    # Members in sorted extension order, as `tar` of a folder would list them.
+    return pack_sample(key, [(fmt, image)] if attr is None else [("attr", attr), (fmt, image)])
 
 
 def _one_line(e: BaseException) -> str:
@@ -464,25 +492,6 @@ def make_plan(source: Source, cfg: PrepareConfig) -> Plan:
 # Writing: deterministic tars, their DALI index, atomic renames.
 # --------------------------------------------------------------------------------------------------------------------
 
-class _HashingFile:
-    """A write-only file that hashes and counts what goes through it (tarfile needs write and tell)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
-
-    def write(self, b: bytes) -> int:
-        self.f.write(b)
-        self.sha.update(b)
-        self.pos += len(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.pos
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -505,34 +514,33 @@ def write_atomic(path: Path, data: bytes) -> None:
 class ShardWriter:
     """One {split}-NNNNNN.tar under a temp name, plus the lines of its DALI index from the offsets as they are written.
 
-    Index format, as DALI's tools/wds2idx.py writes it: "v1.2 <samples>", then one line per sample with, for each
-    member in tar order, "<ext> <offset of the member's data> <size> <member name>", space separated.
+    The tar is what tarfile writes for these members (GNU headers from TarInfo.tobuf, then two zero blocks and
+    padding to a 10240-byte record at the end); the members come packed from the workers, so this process only
+    appends and hashes. Index format, as DALI's tools/wds2idx.py writes it: "v1.2 <samples>", then one line per
+    sample with, for each member in tar order, "<ext> <offset of the member's data> <size> <member name>".
     """
 
     def __init__(self, out: Path, name: str):
         self.out, self.name = out, name
         self.tmp = out / f"{name}.tar.tmp"
         self.file = open(self.tmp, "wb")
-        self.hashed = _HashingFile(self.file)
-        self.tar = tarfile.open(fileobj=self.hashed, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8")
+        self.sha, self.pos = hashlib.sha256(), 0
         self.lines: list[str] = []
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        fields = []
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode, info.type = len(data), 0, 0o444, tarfile.REGTYPE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
-            # tarfile pads the data to whole 512-byte blocks; the data starts that far before the new end.
-            offset = self.tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            fields.append(f"{ext} {offset} {len(data)} {info.name}")
-        self.lines.append(" ".join(fields))
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.pos += len(data)
+
+    def add(self, blob: bytes, fields: list[tuple[str, int, int, str]]) -> None:
+        """Append one packed sample (see pack_sample)."""
+        self.lines.append(" ".join(f"{ext} {self.pos + offset} {size} {name}" for ext, offset, size, name in fields))
+        self._write(blob)
 
     def finish(self) -> dict:
-        """Close, fsync and rename the tar, write its index; return the shard's manifest entry."""
-        self.tar.close()
+        """End the archive as tarfile does, fsync and rename it, write its index; return the shard's manifest entry."""
+        self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self._write(tarfile.NUL * (-self.pos % tarfile.RECORDSIZE))
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -540,8 +548,8 @@ class ShardWriter:
         os.replace(self.tmp, tar_path)
         idx = (f"{IDX_VERSION} {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)).encode()
         write_atomic(idx_path, idx)
-        return {"tar": tar_path.name, "idx": idx_path.name, "count": len(self.lines), "bytes": self.hashed.pos,
-                "sha256": self.hashed.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx).hexdigest()}
+        return {"tar": tar_path.name, "idx": idx_path.name, "count": len(self.lines), "bytes": self.pos,
+                "sha256": self.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx).hexdigest()}
 
     def abort(self) -> None:
         self.file.close()
@@ -721,14 +729,14 @@ def prepare(cfg: PrepareConfig) -> dict:
     workers = min(cfg.workers or _cpu_count(), max(total, 1))
     settings = (cfg.size, cfg.crop, cfg.format, cfg.quality)
     zip_arg = str(source.zip_path) if source.zip_path else None
-    refs = (s.ref for sp in todo for s in sp.samples)
+    tasks = ((s.ref, s.key, s.attr) for sp in todo for s in sp.samples)
     pool = None
     if workers > 1:
         pool = multiprocessing.Pool(workers, _init_worker, (settings, zip_arg))
-        results: Iterator = pool.imap(_process, refs, chunksize=32)
+        results: Iterator = pool.imap(_process, tasks, chunksize=32)
     else:
         _init_worker(settings, zip_arg)
-        results = map(_process, refs)
+        results = map(_process, tasks)
     split_seconds = {s: 0.0 for s in plan.shards}
     split_processed = {s: 0 for s in plan.shards}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
@@ -741,15 +749,14 @@ def prepare(cfg: PrepareConfig) -> dict:
                 writer = ShardWriter(out, sp.name) if sp.samples else None
                 skipped = []
                 try:
-                    for sample in sp.samples:
-                        image, reason = next(results)
-                        if image is None:
-                            skipped.append({"file": sample.file, "reason": reason, "split": sp.split})
+                    for i, sample in enumerate(sp.samples, start=1):
+                        blob, fields = next(results)
+                        if blob is None:
+                            skipped.append({"file": sample.file, "reason": fields, "split": sp.split})
                         else:
-                            members = [(cfg.format, image)] if sample.attr is None else \
-                                [("attr", sample.attr), (cfg.format, image)]  # tar order = sorted extensions
-                            writer.add(sample.key, members)
-                        progress.advance(task)
+                            writer.add(blob, fields)
+                        if i % 64 == 0 or i == len(sp.samples):  # the bar's bookkeeping costs: advance in steps
+                            progress.advance(task, (i - 1) % 64 + 1)
                     if len(skipped) == len(sp.samples):  # nothing decoded: no file (DALI rejects empty tars)
                         writer.abort()
                         entry = {"tar": None, "idx": None, "count": 0, "bytes": 0}

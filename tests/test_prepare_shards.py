@@ -180,6 +180,19 @@ def test_idx_files_are_what_wds2idx_writes(shards: Path):
             assert re.fullmatch(r"attr \d+ 40 \d{6}\.attr jpg \d+ \d+ \d{6}\.jpg", text.splitlines()[1])
 
 
+def test_tars_are_what_tarfile_writes(shards: Path):
+    """The workers pack members themselves; the bytes must be those of tarfile with fixed, anonymous headers."""
+    for path in sorted(shards.glob("*.tar")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for key, members in read_tar(path):
+                for ext in sorted(members):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mode, info.mtime, info.uname, info.gname = len(members[ext]), 0o444, 0, "", ""
+                    tar.addfile(info, io.BytesIO(members[ext]))
+        assert buf.getvalue() == path.read_bytes(), path.name
+
+
 def test_dali_reads_every_sample_through_the_indexes(shards: Path):
     from nvidia.dali import fn, pipeline_def, types
 
@@ -273,7 +286,7 @@ def test_two_runs_are_byte_identical_with_any_worker_count(shards: Path, celeba_
 
 def test_killed_run_resumes_to_the_same_output(shards: Path, celeba_src: Path, tmp_path: Path):
     out = tmp_path / "out"
-    # SIGKILL in the middle of the third shard's rename: a complete temp tar is left, never renamed.
+    # SIGKILL as the third shard is being finished: its temp tar is left behind, never renamed.
     code = (
         "import os, signal, sys\n"
         "import prepare_shards as ps\n"
@@ -282,7 +295,7 @@ def test_killed_run_resumes_to_the_same_output(shards: Path, celeba_src: Path, t
         "def killed(self):\n"
         "    calls.append(self.name)\n"
         "    if len(calls) == 3:\n"
-        "        self.tar.close(); self.file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        self.file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return finish(self)\n"
         "ps.ShardWriter.finish = killed\n"
         "ps.main(sys.argv[1:])\n"

@@ -1,0 +1,141 @@
+"""Time prepare_shards.py against a naive one-process PIL loop, side by side in one run on the same fake CelebA.
+
+    python bench/shards.py [--count 3000] [--size 64] [--workers 0] [--repeat 2] [--json bench/shards.json]
+
+The naive loop is what a first script would do per image: open, convert to RGB, crop the CelebA box, LANCZOS
+resize, encode JPEG at quality 95 (4:4:4), in one process, writing nothing. prepare_shards does the same work and
+also writes the tars, indexes and manifest, with --workers processes (0 = all cores). Both read the same files,
+already in the page cache; each is run --repeat times, alternating, and the best run counts. Prints a table and a
+JSON line {"results": [{"name", "images_per_s", ...}], "ratio": ours / naive, "machine": {...}, "commit": "..."}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import PIL  # noqa: E402
+from PIL import Image  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import prepare_shards  # noqa: E402
+from fake_celeba import make_fake_celeba  # noqa: E402
+
+console = Console()
+
+
+@dataclass
+class BenchConfig:
+    count: int = 3000  # fake CelebA images to time on (178x218 JPEGs, as CelebA's)
+    size: int = 64  # output side in pixels
+    workers: int = 0  # prepare_shards processes; 0 = all cores
+    repeat: int = 2  # runs of each contender, alternating; the best counts
+    json: str = ""  # also write the JSON result to this path
+
+
+def naive_loop(paths: list[Path], size: int) -> float:
+    """One process, one image at a time, full-resolution decode: seconds for all of paths."""
+    start = time.perf_counter()
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        img = img.crop(prepare_shards.CELEBA_BOX).resize((size, size), Image.Resampling.LANCZOS)
+        img.save(io.BytesIO(), format="JPEG", quality=95, subsampling=0)
+    return time.perf_counter() - start
+
+
+def ours(src: Path, out: Path, size: int, workers: int) -> float:
+    """prepare_shards end to end (plan, decode, write tars, indexes, manifest): seconds."""
+    start = time.perf_counter()
+    prepare_shards.prepare(prepare_shards.PrepareConfig(src=str(src), out=str(out), size=size, workers=workers))
+    return time.perf_counter() - start
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": prepare_shards._cpu_count(), "system": platform.platform(),
+            "python": platform.python_version(), "pillow": PIL.__version__, "load_1min_at_start": load}
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "prepare_shards.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(BenchConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    console.print(f"[bold]bench/shards[/] {dataclasses.asdict(cfg)}")
+    info = machine()
+    workers = cfg.workers or info["cores"]
+
+    with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
+        # A fake CelebA of the requested size, drawn once.
+        t0 = time.perf_counter()
+        src = make_fake_celeba(Path(tmp) / "celeba", cfg.count, seed=0)
+        console.print(f"fake CelebA: {cfg.count} images in {time.perf_counter() - t0:.1f} s")
+        paths = sorted((src / "img_align_celeba").glob("*.jpg"))
+
+        # Alternate the contenders so that a busy neighbour slows both alike.
+        naive_s, ours_s = [], []
+        for i in range(max(cfg.repeat, 1)):
+            naive_s.append(naive_loop(paths, cfg.size))
+            ours_s.append(ours(src, Path(tmp) / f"shards{i}", cfg.size, workers))  # a fresh folder: no reuse
+            shutil.rmtree(Path(tmp) / f"shards{i}")
+
+    results = [
+        {"name": "naive PIL loop (1 process, full decode, LANCZOS, JPEG q95)", "images": cfg.count,
+         "seconds": round(min(naive_s), 3), "images_per_s": round(cfg.count / min(naive_s), 1)},
+        {"name": f"prepare_shards --size {cfg.size} --workers {workers} (writes tars, idx, manifest)",
+         "images": cfg.count, "seconds": round(min(ours_s), 3), "images_per_s": round(cfg.count / min(ours_s), 1)},
+    ]
+    report = {"results": results, "ratio": round(results[1]["images_per_s"] / results[0]["images_per_s"], 2),
+              "size": cfg.size, "machine": info, "commit": commit(),
+              "runs_seconds": {"naive": [round(s, 3) for s in naive_s], "ours": [round(s, 3) for s in ours_s]}}
+
+    table = Table(title=f"{cfg.count} CelebA-sized JPEGs -> {cfg.size}x{cfg.size}, {info['cores']} cores "
+                        f"({info['cpu']})")
+    for col in ("contender", "images", "best seconds", "images/s"):
+        table.add_column(col, justify="left" if col == "contender" else "right")
+    for r in results:
+        table.add_row(r["name"], f"{r['images']:,}", f"{r['seconds']:.2f}", f"{r['images_per_s']:,.0f}")
+    console.print(table)
+    console.print(f"ratio ours / naive: {report['ratio']:.2f}x")
+    text = json.dumps(report)
+    print(text)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        prepare_shards.write_atomic(Path(cfg.json), (json.dumps(report, indent=1) + "\n").encode())
+    return report
+
+
+if __name__ == "__main__":
+    main()
