@@ -1,0 +1,302 @@
+"""data.py over the session's shards (tests/conftest.py: 203 fake faces at 32x32, 163 of them in train, 64 a shard).
+
+Both backends: exact samples per epoch, the same pixels for the same keys, shuffles that are permutations and change
+each epoch, ranks that split the data, exact resume (shuffle and flips included) mid-epoch and at an epoch boundary,
+the flip rate, and each error with its one-line message. The torch backend mostly runs in-process (num_threads=0)
+to keep the file fast; one test checks that DataLoader workers give the same batches.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from data import DaliMissingError, DataError, ShardReadError, make_loader
+
+BACKENDS = ["dali", "torch"]
+TRAIN = 163  # conftest: 203 images, 163 in the train split
+
+
+def loader(shards: Path, backend: str, batch_size: int = 32, **kw) -> data.Loader:
+    kw.setdefault("device", "cpu")
+    kw.setdefault("num_threads", 0 if backend == "torch" else 2)
+    return make_loader(shards, batch_size, backend=backend, keys=True, **kw)
+
+
+def epoch(ld: data.Loader) -> tuple[list[str], torch.Tensor, torch.Tensor, list[int]]:
+    """One epoch: keys, images [N,3,S,S], attributes [N,40] and the batch sizes."""
+    keys, images, attrs, sizes = [], [], [], []
+    for b in ld:
+        keys += b["key"]
+        images.append(b["image"])
+        attrs.append(b["attr"])
+        sizes.append(len(b["key"]))
+        assert b["image"].shape[0] == len(b["key"]) == b["attr"].shape[0]
+    return keys, torch.cat(images), torch.cat(attrs), sizes
+
+
+@pytest.fixture(scope="module")
+def reference(shards: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """key -> (image, attr) of every train sample, unshuffled and unflipped, through the torch backend."""
+    keys, images, attrs, _ = epoch(loader(shards, "torch", shuffle=False, flip=False))
+    return {k: (im, a) for k, im, a in zip(keys, images, attrs)}
+
+
+@pytest.fixture
+def broken(shards: Path, tmp_path: Path) -> Path:
+    """A private copy of the shards to damage."""
+    return Path(shutil.copytree(shards, tmp_path / "shards"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counts, pixels, shuffles, ranks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size,drop_last,sizes", [
+    (32, False, [32] * 5 + [3]),  # partial last batch
+    (32, True, [32] * 5),
+    (163, False, [163]),  # exactly one full batch
+    (163, True, [163]),
+    (200, False, [163]),  # one partial batch
+])
+def test_each_sample_once_per_epoch(shards, backend, batch_size, drop_last, sizes):
+    ld = loader(shards, backend, batch_size, drop_last=drop_last)
+    assert (len(ld), ld.num_samples, ld.image_size, len(ld.attributes)) == (len(sizes), TRAIN, 32, 40)
+    for e in range(2):
+        assert ld.epoch == e
+        keys, images, attrs, got = epoch(ld)
+        assert got == sizes
+        assert len(set(keys)) == len(keys) == sum(sizes)
+        assert images.shape == (sum(sizes), 3, 32, 32) and images.dtype == torch.float32
+        assert -1 <= images.min() < -0.5 and 0.5 < images.max() <= 1
+        assert attrs.dtype == torch.int64 and set(attrs.unique().tolist()) <= {0, 1}
+    assert ld.epoch == 2
+
+
+def test_drop_last_without_a_full_batch_is_an_error(shards):
+    with pytest.raises(DataError, match="fewer than one batch"):
+        loader(shards, "torch", 200, drop_last=True)
+
+
+def test_same_pixels_and_attributes_through_both_backends(shards, reference):
+    # In order (shuffle=False, flip=False): the same keys, pixels within 2/255 (two JPEG decoders), attributes.
+    keys, images, attrs, _ = epoch(loader(shards, "dali", shuffle=False, flip=False))
+    assert keys == list(reference)
+    ref_images = torch.stack([reference[k][0] for k in keys])
+    assert (images - ref_images).abs().max() * 127.5 <= 2.0
+    assert torch.equal(attrs, torch.stack([reference[k][1] for k in keys]))
+    # Shuffled and flipped: each sample is its reference image or that image's mirror, in both backends.
+    for backend in BACKENDS:
+        keys, images, attrs, _ = epoch(loader(shards, backend, seed=5))
+        for k, im, a in zip(keys, images, attrs):
+            ref = reference[k][0]
+            assert min((im - ref).abs().max(), (im - ref.flip(-1)).abs().max()) * 127.5 <= 2.0, k
+            assert torch.equal(a, reference[k][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shuffle_is_a_new_permutation_each_epoch(shards, reference, backend):
+    ld = loader(shards, backend, seed=1)
+    orders = [epoch(ld)[0] for _ in range(3)]
+    for order in orders:
+        assert sorted(order) == sorted(reference)
+    assert orders[0] != list(reference) and len({tuple(o) for o in orders}) == 3
+    assert epoch(loader(shards, backend, seed=1))[0] == orders[0]  # the same seed, the same first epoch
+    assert epoch(loader(shards, backend, seed=2))[0] != orders[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_split_the_data(shards, reference, backend):
+    parts = [loader(shards, backend, 16, rank=r, world_size=2) for r in range(2)]
+    assert [p.num_samples for p in parts] == [81, 82]
+    assert [len(p) for p in parts] == [6, 6]
+    for _ in range(2):  # every epoch: disjoint, covering
+        k0, k1 = (epoch(p)[0] for p in parts)
+        assert (len(k0), len(k1)) == (81, 82)
+        assert not set(k0) & set(k1) and set(k0) | set(k1) == set(reference)
+    # With drop_last both ranks give the same number of full batches (equal DDP steps).
+    parts = [loader(shards, backend, 41, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    assert [len(p) for p in parts] == [1, 1] and [epoch(p)[3] for p in parts] == [[41], [41]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flip_rate(shards, reference, backend):
+    flipped = []
+    ld = loader(shards, backend, 64, seed=3)
+    for _ in range(3):
+        keys, images, _, _ = epoch(ld)
+        for k, im in zip(keys, images):
+            ref = reference[k][0]
+            same, mirror = (im - ref).abs().max(), (im - ref.flip(-1)).abs().max()
+            if abs(same - mirror) > 0.05:  # skip the (rare) images that are their own mirror image
+                flipped.append(bool(mirror < same))
+    assert len(flipped) > 400
+    assert 0.42 < sum(flipped) / len(flipped) < 0.58
+    unflipped = epoch(loader(shards, backend, 64, flip=False))
+    assert all((im - reference[k][0]).abs().max() * 127.5 <= 2.0 for k, im in zip(unflipped[0], unflipped[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_batches(shards, backend):
+    b = next(iter(loader(shards, backend, dtype=torch.float16)))
+    assert b["image"].dtype == torch.float16 and b["image"].shape == (32, 3, 32, 32)
+
+
+def test_torch_workers_give_the_same_batches(shards):
+    inline = epoch(loader(shards, "torch", 20, seed=4))
+    workers = loader(shards, "torch", 20, seed=4, num_threads=2)
+    assert workers._loader.num_workers == 2
+    pooled = epoch(workers)
+    assert pooled[0] == inline[0] and torch.equal(pooled[1], inline[1])
+
+
+def test_dali_on_cuda_falls_back_to_cpu_without_a_gpu(shards):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        ld = make_loader(shards, 32, backend="dali", device="cuda", num_threads=2)
+    assert ld.device == torch.device("cpu")
+    b = next(iter(ld))
+    assert b["image"].device.type == "cpu" and b["attr"].device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_decode_matches_cpu_decode(shards64):
+    kw = dict(shuffle=False, flip=False, keys=True, num_threads=2)
+    gpu = list(make_loader(shards64, 64, backend="dali", device="cuda", dtype=torch.float16, **kw))
+    cpu = list(make_loader(shards64, 64, backend="dali", device="cpu", **kw))
+    assert [k for b in gpu for k in b["key"]] == [k for b in cpu for k in b["key"]]
+    for g, c in zip(gpu, cpu):
+        assert g["image"].device.type == "cuda" and g["image"].dtype == torch.float16
+        assert g["attr"].device.type == "cuda" and torch.equal(g["attr"].cpu(), c["attr"])
+        assert (g["image"].float().cpu() - c["image"]).abs().max() * 127.5 <= 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume
+
+
+def saved(state: dict) -> dict:
+    """A state through torch.save and torch.load(weights_only=True), as in a checkpoint."""
+    buf = io.BytesIO()
+    torch.save({"data_state": state}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)["data_state"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stop", [0, 2, 6, 8])  # start, mid-epoch 0, end of epoch 0, mid-epoch 1 (6 an epoch)
+def test_resume_gives_the_batches_that_would_have_come_next(shards, backend, stop):
+    kw = dict(batch_size=30, seed=11)
+    expected = [b for ld in [loader(shards, backend, **kw)] for _ in range(3) for b in ld]
+    ld = loader(shards, backend, **kw)
+    batches = iter(ld)
+    for i in range(stop):
+        if i == 6:
+            batches = iter(ld)  # the next epoch
+        next(batches)
+    state = saved(ld.state_dict())
+    assert (state["epoch"], state["batches"]) == divmod(stop, 6)
+    resumed = loader(shards, backend, state=state, **kw)
+    assert resumed.epoch == stop // 6
+    got = [b for _ in range(3 - stop // 6) for b in resumed]
+    assert len(got) == len(expected) - stop
+    for g, e in zip(got, expected[stop:]):
+        assert g["key"] == e["key"] and torch.equal(g["image"], e["image"]) and torch.equal(g["attr"], e["attr"])
+
+
+def test_a_state_from_other_arguments_is_refused(shards):
+    state = saved(loader(shards, "torch").state_dict())
+    with pytest.raises(DataError, match="batch_size=32"):
+        loader(shards, "torch", 16, state=state)
+    with pytest.raises(DataError, match="backend 'torch'"):
+        loader(shards, "dali", state=state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def one_line(excinfo: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_manifest(tmp_path, backend):
+    with pytest.raises(FileNotFoundError) as e:
+        make_loader(tmp_path, 8, backend=backend, device="cpu")
+    one_line(e, tmp_path / "manifest.json")
+
+
+def test_unreadable_manifest(broken):
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="unreadable manifest") as e:
+        make_loader(broken, 8, backend="torch", device="cpu")
+    one_line(e, broken / "manifest.json")
+
+
+def test_missing_or_empty_split(broken):
+    with pytest.raises(DataError, match="no split 'holdout'") as e:
+        make_loader(broken, 8, split="holdout", backend="torch", device="cpu")
+    one_line(e, broken / "manifest.json")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["splits"]["valid"] = {"count": 0, "shards": []}
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="'valid' is empty") as e:
+        make_loader(broken, 8, split="valid", backend="dali", device="cpu")
+    one_line(e, broken / "manifest.json")
+
+
+@pytest.mark.parametrize("suffix", ["tar", "idx"])
+def test_missing_tar_or_index(broken, suffix):
+    victim = broken / f"train-000001.{suffix}"
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="missing") as e:
+        make_loader(broken, 8, backend="dali", device="cpu")
+    one_line(e, victim)
+
+
+def test_changed_tar_caught_at_start_up(broken):
+    tar = broken / "train-000002.tar"
+    data_bytes = bytearray(tar.read_bytes())
+    tar.write_bytes(data_bytes[:-512])
+    with pytest.raises(DataError, match="manifest says") as e:
+        make_loader(broken, 8, backend="torch", device="cpu")
+    one_line(e, tar)
+    data_bytes[1000] ^= 0xFF  # same size, other bytes: only the checksum sees it
+    tar.write_bytes(data_bytes)
+    make_loader(broken, 8, backend="torch", device="cpu")
+    with pytest.raises(DataError, match="sha256") as e:
+        make_loader(broken, 8, backend="torch", device="cpu", verify=True)
+    one_line(e, tar)
+
+
+@pytest.mark.parametrize("backend,workers", [("dali", 2), ("torch", 0), ("torch", 2)])
+def test_truncated_tar_met_while_reading(broken, backend, workers):
+    ld = make_loader(broken, 16, backend=backend, device="cpu", shuffle=False, num_threads=workers)
+    tar = broken / "train-000001.tar"
+    with open(tar, "r+b") as f:
+        f.truncate(tar.stat().st_size // 2)
+    with pytest.raises(ShardReadError, match="truncated") as e:
+        for _ in range(2):
+            for _ in ld:
+                pass
+    one_line(e, tar)
+
+
+def test_without_dali(shards, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails as if not installed
+    with pytest.raises(DaliMissingError, match="pip install nvidia-dali-cuda130") as e:
+        make_loader(shards, 8, backend="dali", device="cpu")
+    assert "\n" not in str(e.value)
+    assert len(next(iter(make_loader(shards, 8, backend="torch", device="cpu", num_threads=0)))["image"]) == 8
