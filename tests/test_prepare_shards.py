@@ -227,10 +227,16 @@ def test_dali_reads_every_sample_through_the_indexes(shards: Path):
 # Layouts.
 # --------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["official", "kaggle", "zip", "zip-file"])
+@pytest.mark.parametrize("layout", ["official", "kaggle", "zip", "zip-file", "zip-drive"])
 def test_celeba_layouts(tmp_path: Path, small_sources: dict[str, Path], layout: str):
     folder = small_sources[layout.split("-")[0]]
     src = folder / "img_align_celeba.zip" if layout == "zip-file" else folder
+    if layout == "zip-drive":  # as CelebA's Google Drive folder has it: Img/, Anno/, Eval/
+        src = tmp_path / "CelebA"
+        for sub, name in (("Img", "img_align_celeba.zip"), ("Anno", "list_attr_celeba.txt"),
+                          ("Eval", "list_eval_partition.txt")):
+            (src / sub).mkdir(parents=True)
+            shutil.copy(folder / name, src / sub / name)
     manifest = run(src, tmp_path / "out")
     assert manifest["source"]["layout"] == layout.split("-")[0]
     attrs, parts = metadata(small_sources["official"])  # same seed and count: the same dataset in every layout
