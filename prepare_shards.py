@@ -9,7 +9,10 @@ SRC is one of (detected, and printed):
     kaggle    SRC/img_align_celeba/img_align_celeba/*.jpg, SRC/list_attr_celeba.csv, SRC/list_eval_partition.csv
     zip       SRC = img_align_celeba.zip itself, or a folder holding it; read in place, metadata beside it if present
     folder    any folder of images, searched recursively: no attributes, everything in split "train"
-A missing metadata file is tolerated (no attributes, or everything in "train"); a malformed one is an error.
+CelebA's Google Drive folder (Img/, Anno/, Eval/) is read too. A missing metadata file is tolerated (no attributes,
+or everything in "train"); a malformed one is an error naming its line. Every non-hidden file under the image
+folder is an input: undecodable ones, non-image files, images without a metadata row and rows without an image are
+listed under "skipped" in the manifest, and more than --max-bad-fraction of them makes the exit status non-zero.
 
 Crops. `celeba` is the standard CelebA-64 crop (DDIM, NCSN): the 128x128 box centred at (89, 121) of the aligned
 178x218 image, i.e. (25, 57, 153, 185). An image of another size gets that box scaled by min(W/178, H/218) about
@@ -38,7 +41,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import tarfile
 import time
 import zipfile
@@ -744,7 +746,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     if done:
         console.print(f"keeping {len(done)} complete shard(s) from an earlier run; {len(todo)} to write")
 
-    # Decode in worker processes (ordered imap, so the output does not depend on timing); pack in this one.
+    # Decode, encode and pack in worker processes (ordered imap: the output does not depend on timing); this one
+    # only appends to the tar, hashes and keeps the index.
     workers = min(cfg.workers or _cpu_count(), max(total, 1))
     settings = (cfg.size, cfg.crop, cfg.format, cfg.quality)
     zip_arg = str(source.zip_path) if source.zip_path else None
