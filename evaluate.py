@@ -32,8 +32,9 @@ from PIL import Image
 import metrics
 from images import atomic_write_bytes
 from metrics import FeatureNet, FeatureStats, MetricsError
-from sample import (Loaded, SampleConfig, SampleError, check_config, config_from_argv, console, existing_images,
+from sample import (Loaded, SampleConfig, SampleError, check_config, console, existing_images,
                     load_model, pick_device, write_outdir, progress_bar)
+from train import parse_config
 from utills import CheckpointError
 
 METRICS = ("fid", "kid")
@@ -283,7 +284,7 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    cfg = config_from_argv(EvalConfig, argv, __doc__.splitlines()[0])
+    cfg, _ = parse_config(EvalConfig, argv)
     try:
         main(cfg)
     except (EvalError, MetricsError, SampleError, CheckpointError, FileNotFoundError, ValueError) as e:

@@ -25,7 +25,6 @@ unconditional predictions as classifier-free guidance does.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -48,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from diffusion import GaussianDiffusion
 from ema import EMA
 from images import atomic_write_bytes, save_grid, to_uint8
+from train import parse_config  # the project's dataclass -> command line helper (field comments as help)
 from unet import UNet
 from utills import CheckpointError, load_checkpoint, resolve_checkpoint
 
@@ -87,18 +87,6 @@ class SampleError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-
-def config_from_argv(cls: type, argv: list[str] | None, description: str) -> Any:
-    """Build dataclass `cls` from `--field-name value` options (bools are flags); used by sample.py and evaluate.py."""
-    p = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return cls(**vars(p.parse_args(argv)))
-
 
 def check_config(cfg: SampleConfig) -> None:
     """Reject values that cannot work, with one line each."""
@@ -567,7 +555,7 @@ def main(cfg: SampleConfig) -> list[Path]:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    cfg = config_from_argv(SampleConfig, argv, __doc__.splitlines()[0])
+    cfg, _ = parse_config(SampleConfig, argv)
     try:
         main(cfg)
     except (SampleError, CheckpointError, FileNotFoundError, ValueError) as e:
