@@ -135,19 +135,17 @@ class FeatureStats:
         return np.concatenate(self.kept) if self.kept else np.zeros((0, 0), np.float32)
 
     def to_bytes(self) -> bytes:
+        """The raw sums (so statistics read back are bit-identical) and the kept features, as .npz bytes."""
         buf = io.BytesIO()
-        np.savez(buf, count=self.count, mu=self.mu, sigma=self.sigma, features=self.features, keep=self.keep)
+        np.savez(buf, count=self.count, total=self.total, outer=self.outer, features=self.features, keep=self.keep)
         return buf.getvalue()
 
     @classmethod
     def from_npz(cls, path: Path) -> FeatureStats:
-        """Stats saved by to_bytes (mean and covariance, not the raw sums, come back)."""
+        """Stats saved by to_bytes."""
         with np.load(path) as z:
-            s = cls(keep=int(z["keep"]), count=int(z["count"]))
-            s.total, feats = z["mu"] * s.count, z["features"]
-            s.outer = z["sigma"] * (s.count - 1) + s.count * np.outer(z["mu"], z["mu"])
-            s.kept = [feats]
-        return s
+            return cls(keep=int(z["keep"]), count=int(z["count"]), total=z["total"], outer=z["outer"],
+                       kept=[z["features"]])
 
 
 # ------------------------------------------------------------------------------------------------ feature networks
@@ -234,7 +232,9 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
                                         f"{INCEPTION_URL} on a machine with internet) or put it at one of: {where}")
         file = found[0]
     try:
-        module = torch.jit.load(str(file), map_location=torch.device(device))
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format of the file
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(file), map_location=torch.device(device))
     except Exception as e:  # a pickle or state dict rather than a TorchScript archive
         raise MetricsError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
                            f" from {INCEPTION_URL}") from None

@@ -1,0 +1,191 @@
+"""FID/KID maths, the stand-in feature network end to end, evaluate.py's caching and eval.json; real Inception if present."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import metrics
+from evaluate import EvalConfig, EvalError
+from tiny_run import tiny_run
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
+    return tiny_run(tmp_path_factory, shards)
+
+
+@pytest.fixture(scope="module")
+def ref_pictures(shards: Path) -> np.ndarray:
+    """The 163 training images of the 32 px shards, uint8 [N, 32, 32, 3]."""
+    manifest, _ = evaluate.read_manifest(shards)
+    tars, count = evaluate.reference_tars(shards, manifest, "train")
+    pictures = np.stack(list(evaluate.reference_images(tars, 0)))
+    assert pictures.shape == (count, 32, 32, 3)
+    return pictures
+
+
+# ------------------------------------------------------------------------------------------------ maths
+
+def test_frechet_distance_closed_form():
+    # N(0, I) vs N(m, 4I) in d dims: |m|^2 + d (1 + 4 - 2 * 2).
+    d, m = 5, np.arange(5.0)
+    assert metrics.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(m @ m + d)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d))
+    sigma = a @ a.T
+    assert abs(metrics.frechet_distance(m, sigma, m, sigma)) < 1e-8
+    with pytest.raises(metrics.MetricsError, match="different sizes"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_polynomial_mmd2_matches_the_definition():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 3)), rng.normal(1.0, 1.0, size=(6, 3))
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    m = len(x)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    assert metrics.polynomial_mmd2(x, y) == pytest.approx(xx + yy - 2 * xy)
+
+
+def test_feature_stats_match_numpy():
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(50, 4)) * [1, 2, 3, 4] + 7
+    stats = metrics.FeatureStats(keep=20)
+    for chunk in np.array_split(feats, 3):
+        stats.add(chunk)
+    np.testing.assert_allclose(stats.mu, feats.mean(0))
+    np.testing.assert_allclose(stats.sigma, np.cov(feats, rowvar=False))
+    np.testing.assert_allclose(stats.features, feats[:20], rtol=1e-6)
+    with pytest.raises(metrics.MetricsError, match="non-finite"):
+        stats.add(np.full((1, 4), np.nan))
+
+
+# ------------------------------------------------------------------------------------------------ stand-in network
+
+def test_standin_fid_kid_self_vs_shifted(ref_pictures: np.ndarray):
+    net = metrics.load_feature_net("standin")
+    feats = net(ref_pictures)
+    shifted = net(np.clip(ref_pictures.astype(np.int16) + 40, 0, 255).astype(np.uint8))
+    assert feats.shape == (len(ref_pictures), 64) and np.isfinite(feats).all()
+    half = len(feats) // 2
+
+    def fid(a, b):
+        return metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+    assert abs(fid(feats, feats)) < 1e-6
+    fid_halves, fid_shift = fid(feats[:half], feats[half:]), fid(feats, shifted)
+    assert fid_shift > 5 * fid_halves > 0
+    kid_self, _ = metrics.kernel_inception_distance(feats, feats, subsets=20, subset_size=50)
+    kid_shift, kid_std = metrics.kernel_inception_distance(feats, shifted, subsets=20, subset_size=50)
+    assert abs(kid_self) < 0.1 * kid_shift and kid_shift > 3 * kid_std
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/save in torch 2.13
+def test_torchscript_file_goes_through_the_inception_path(ref_pictures: np.ndarray, tmp_path: Path):
+    # A scripted stand-in saved to disk loads like inception-2015-12-05.pt (torch.jit.load, return_features=True).
+    path = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.script(metrics.StandInFeatures()), str(path))
+    net = metrics.load_feature_net("inception", path)
+    assert net.name.startswith("features.pt:sha256=")
+    np.testing.assert_allclose(net(ref_pictures[:8]), metrics.load_feature_net("standin")(ref_pictures[:8]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_missing_or_wrong_inception_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(metrics.FeatureNetworkMissing, match="pass --inception PATH to inception-2015-12-05.pt"):
+        metrics.load_feature_net("inception")
+    state_dict = tmp_path / "pt_inception.pth"
+    torch.save({"w": torch.zeros(2)}, state_dict)
+    with pytest.raises(metrics.MetricsError, match="not a TorchScript archive"):
+        metrics.load_feature_net("inception", state_dict)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate.py
+
+def test_evaluate_end_to_end_with_the_standin(run: Path, shards: Path, tmp_path: Path, capsys):
+    cfg = EvalConfig(ckpt=str(run), ref=str(shards), n=24, batch_size=12, steps=2, features="standin", device="cpu",
+                     outdir=str(tmp_path / "samples"), cache_dir=str(tmp_path / "cache"), kid_subsets=10,
+                     kid_subset_size=20, out=str(tmp_path / "eval.json"))
+    result = evaluate.main(cfg)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["fid"] > 0 and np.isfinite(saved["kid_mean"]) and saved["kid_subset_size"] == 20
+    assert saved["n"] == 24 and saved["sampler"]["sampler"] == "ddim" and saved["sampler"]["steps"] == 2
+    assert saved["feature_network"].startswith("standin:") and saved["weights"] == "ema"
+    assert saved["reference"]["count"] == 163 and saved["reference"]["split"] == "train"
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 24
+    caches = list((tmp_path / "cache").glob("ref-*.npz"))
+    assert len(caches) == 1
+    # Again: the cached reference statistics and the 24 images are reused, and the numbers are the same.
+    stamp = caches[0].stat().st_mtime_ns
+    capsys.readouterr()
+    again = evaluate.main(cfg)
+    assert "reference statistics from cache" in capsys.readouterr().err
+    assert caches[0].stat().st_mtime_ns == stamp
+    assert again["fid"] == result["fid"] and again["kid_mean"] == result["kid_mean"]
+    assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 2
+    # Another split is another cache entry.
+    evaluate.main(dataclasses.replace(cfg, ref_split="valid", metrics="fid"))
+    assert len(list((tmp_path / "cache").glob("ref-*.npz"))) == 2
+
+
+def test_cli_defaults_write_run_eval_json(run: Path, shards: Path, tmp_path: Path):
+    import shutil
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    evaluate.cli(["--ckpt", str(copy), "--ref", str(shards), "--n", "8", "--batch-size", "8", "--steps", "2",
+                  "--features", "standin", "--metrics", "fid", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    result = json.loads((copy / "eval.json").read_text())
+    assert "kid_mean" not in result and result["fid"] > 0
+    assert Path(result["samples"]).parent == copy / "eval"
+    assert Path(result["samples"]).name == "step-00000004-ema-ddim2-eta0.0-seed0"
+
+
+def test_evaluate_errors(run: Path, shards: Path, shards64: Path, tmp_path: Path):
+    base = EvalConfig(ckpt=str(run), ref=str(shards), n=8, steps=2, features="standin", device="cpu",
+                      cache_dir=str(tmp_path), outdir=str(tmp_path / "s"))
+    with pytest.raises(EvalError, match="reference images are 64 px but the model makes 32 px"):
+        evaluate.main(dataclasses.replace(base, ref=str(shards64)))
+    with pytest.raises(EvalError, match="no manifest.json"):
+        evaluate.main(dataclasses.replace(base, ref=str(tmp_path)))
+    with pytest.raises(EvalError, match="unknown is"):
+        evaluate.main(dataclasses.replace(base, metrics="fid,is"))
+    with pytest.raises(SystemExit, match="^error: .*missing.pt: no such Inception file"):
+        evaluate.cli(["--ckpt", str(run), "--ref", str(shards), "--inception", str(tmp_path / "missing.pt")])
+
+
+# ------------------------------------------------------------------------------------------------ real weights
+
+def _inception_file() -> Path | None:
+    env = os.environ.get("DDPM_INCEPTION")
+    if env and Path(env).is_file():
+        return Path(env)
+    return next((p for p in metrics.inception_candidates() if p.is_file()), None)
+
+
+@pytest.mark.skipif(_inception_file() is None,
+                    reason="Inception weights absent (set DDPM_INCEPTION or put inception-2015-12-05.pt in the cache)")
+def test_real_inception_features(ref_pictures: np.ndarray):
+    net = metrics.load_feature_net("inception", _inception_file())
+    feats = net(ref_pictures[:40])
+    assert feats.shape == (40, 2048) and np.isfinite(feats).all() and feats.min() >= 0  # pool3 after ReLU
+    bright = net(np.clip(ref_pictures[:40].astype(np.int16) + 60, 0, 255).astype(np.uint8))
+    kid_self, _ = metrics.kernel_inception_distance(feats, feats, subsets=10, subset_size=40)
+    kid_shift, _ = metrics.kernel_inception_distance(feats, bright, subsets=10, subset_size=40)
+    assert abs(kid_self) < kid_shift
