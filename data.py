@@ -241,7 +241,7 @@ def _import_dali():
 class DaliLoader(Loader):
     backend = "dali"
 
-    def __init__(self, *args, prefetch: int = 2, initial_fill: int = INITIAL_FILL, state: dict | None = None,
+    def __init__(self, *args, prefetch: int = 3, initial_fill: int = INITIAL_FILL, state: dict | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy = _import_dali()
@@ -311,8 +311,9 @@ class DaliLoader(Loader):
         changed = [s["tar"] for s in self.shards
                    if not (self.data_dir / s["tar"]).is_file()
                    or (self.data_dir / s["tar"]).stat().st_size != int(s["bytes"])]
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Stacktrace", "["))]
-        reason = lines[0] if lines else type(e).__name__
+        found = re.search(r"encountered:\s*\n\s*(.+)", text)
+        reason = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0]
+        reason = re.sub(r'^Assert on ".*" failed:\s*', "", reason.strip())
         for tar in changed or named:
             why = "truncated or changed since start-up; " if changed else ""
             return ShardReadError(f"{self.data_dir / tar}: cannot read ({why}DALI: {reason[:200]})")

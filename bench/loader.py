@@ -1,0 +1,293 @@
+"""Time the data loaders side by side in one run: the seeds' PIL loader against data.py's backends.
+
+    python bench/loader.py [--count 5000] [--batch-size 256] [--json PATH] [--src RAW --shards SHARDS]
+
+Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py) and shards it at --size
+(prepare_shards.py) in a temporary folder. Contenders, each over whole epochs (at least --epochs, and at least
+--min-seconds) after an untimed warm-up epoch, in rounds that alternate them (a busy neighbour slows all alike;
+the best round counts):
+  seed-baseline  what the seed scripts do every epoch: a PIL Dataset over the raw 178x218 JPEGs (open, CelebA's
+                 128x128 box at (89, 121), resize to --size, random flip, to a [-1, 1] tensor),
+                 DataLoader(num_workers=cores, shuffle=True)
+  torch          make_loader(backend="torch") over the shards
+  dali-cpu       make_loader(backend="dali", device="cpu")
+  dali-gpu       make_loader(backend="dali", device="cuda"), when CUDA is present; there also the rate of a small
+                 UNet training step fed by it, next to the same step on a fixed batch
+Images/s over the timed epochs; CPU seconds per 1,000 images from getrusage (this process and its reaped children:
+DataLoader workers are shut down before the reading, so theirs count), over warm-up and timed epochs together.
+Prints a table and writes {"results": [{"name", "images_per_s", "cpu_s_per_1k", ...}], "machine", "commit"}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+import data  # noqa: E402
+
+console = Console()
+CELEBA_BOX = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # the 128x128 box centred at (89, 121) of 178x218
+
+
+@dataclass
+class BenchConfig:
+    count: int = 5000  # fake CelebA images to draw when --src/--shards are not given
+    batch_size: int = 256  # batch size of every contender
+    size: int = 64  # image side: the shards' --size and the baseline's resize
+    epochs: int = 2  # timed whole epochs per contender and round (after one untimed warm-up epoch)
+    min_seconds: float = 2.0  # ... and more whole epochs until this long (short runs are noisy on a shared machine)
+    rounds: int = 3  # rounds over all contenders, alternating; the best round of each counts
+    workers: int = 0  # DataLoader workers of seed-baseline and torch; 0 = all cores
+    threads: int = 0  # DALI CPU threads; 0 = data.py's default (all cores on the CPU, up to 4 with a GPU)
+    split: str = "train"  # split of the shards to read
+    src: str = ""  # raw CelebA folder (img_align_celeba/*.jpg, or any folder of JPEGs) for seed-baseline
+    shards: str = ""  # prepare_shards.py output of --src at --size (give both, or neither)
+    train_step: bool = True  # with CUDA: also time a small UNet training step fed by dali-gpu
+    json: str = ""  # also write the JSON report to this path
+
+
+class SeedBaseline(torch.utils.data.Dataset):
+    """The seeds' loader: every epoch decodes the full JPEG, crops, resizes and flips. Returns [3, S, S] in [-1, 1]."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = Image.open(self.paths[i]).convert("RGB").crop(CELEBA_BOX)
+        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(127.5).sub_(1)
+
+
+def cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_epoch(loader: Iterable) -> int:
+    """Images in one epoch; waits for the GPU at the end so that its work is inside the time."""
+    n = 0
+    for batch in loader:
+        n += len(batch["image"] if isinstance(batch, dict) else batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n
+
+
+def measure(make: Callable[[], Iterable], epochs: int, min_seconds: float) -> dict:
+    """images/s over whole epochs (at least `epochs`, at least `min_seconds`) after a warm-up epoch; CPU seconds per
+    1,000 images over all of them, start-up included."""
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    loader = make()
+    warm = run_epoch(loader)
+    t1 = time.perf_counter()
+    n, done = 0, 0
+    while done < epochs or time.perf_counter() - t1 < min_seconds:
+        n, done = n + run_epoch(loader), done + 1
+    t2 = time.perf_counter()
+    del loader
+    gc.collect()  # shuts persistent DataLoader workers down, so that getrusage counts them
+    cpu = cpu_seconds() - cpu0
+    return {"images_per_s": n / (t2 - t1), "cpu_s_per_1k": 1000 * cpu / (warm + n), "images": n,
+            "seconds": t2 - t1, "startup_and_warmup_s": t1 - t0}
+
+
+def train_step_rates(shards: Path, cfg: BenchConfig, device: str = "cuda") -> list[dict]:
+    """A tiny-UNet training step fed by the DALI loader on `device`, and the same step on one fixed batch."""
+    from diffusion import GaussianDiffusion
+    from unet import build_unet
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = build_unet("tiny", image_size=cfg.size).to(device)
+    diffusion = GaussianDiffusion().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(x: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = diffusion.loss(model, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    loader = data.make_loader(shards, cfg.batch_size, split=cfg.split, backend="dali", device=device,
+                              dtype=torch.float16, num_threads=cfg.threads or None)
+    fixed = next(iter(loader))["image"]
+    for b in loader:  # warm-up: cuDNN autotuning, allocator, the rest of the epoch
+        step(b["image"])
+    sync()
+    t0, n = time.perf_counter(), 0
+    for _ in range(cfg.epochs):
+        for b in loader:
+            step(b["image"])
+            n += len(b["image"])
+    sync()
+    fed = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(max(1, n // len(fixed))):
+        step(fixed)
+    sync()
+    alone = max(1, n // len(fixed)) * len(fixed) / (time.perf_counter() - t0)
+    return [{"name": "dali-gpu + train step (tiny UNet)", "images_per_s": fed, "cpu_s_per_1k": None},
+            {"name": "train step alone (fixed batch)", "images_per_s": alone, "cpu_s_per_1k": None}]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    try:
+        import nvidia.dali
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
+            else None, "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "dali": dali, "load_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "data.py", "bench/loader.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def raw_images(src: Path) -> list[Path]:
+    for folder in (src / "img_align_celeba" / "img_align_celeba", src / "img_align_celeba", src):
+        paths = sorted(folder.glob("*.jpg"))
+        if paths:
+            return paths
+    paths = sorted(src.rglob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"error: {src}: no .jpg images for seed-baseline")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(BenchConfig):
+        if f.type == "bool":
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    if bool(cfg.src) != bool(cfg.shards):
+        raise SystemExit("error: give both --src (raw JPEGs) and --shards (their prepare_shards output), or neither")
+    console.print(f"[bold]bench/loader[/] {dataclasses.asdict(cfg)}")
+    info = machine()
+    cores = os.cpu_count() or 1
+    workers = cfg.workers or cores
+    torch.set_num_threads(1)  # the main process only moves batches; leave the cores to the loaders
+
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
+        if cfg.src:
+            src, shards = Path(cfg.src), Path(cfg.shards)
+        else:
+            from fake_celeba import make_fake_celeba
+            from prepare_shards import PrepareConfig, prepare
+
+            t0 = time.perf_counter()
+            src = make_fake_celeba(Path(tmp) / "celeba", cfg.count, seed=0, progress=True)
+            shards = Path(tmp) / "shards"
+            prepare(PrepareConfig(src=str(src), out=str(shards), size=cfg.size, split="all"))
+            console.print(f"fake CelebA of {cfg.count} images and its shards in {time.perf_counter() - t0:.1f} s")
+        paths = raw_images(src)
+        manifest = data.read_manifest(shards)
+        shard_size, shard_samples = manifest["size"], manifest["splits"][cfg.split]["count"]
+        if shard_size != cfg.size:
+            console.print(f"[yellow]note: the shards are {shard_size} px; the baseline resizes to {cfg.size} px")
+
+        def loader(backend: str, device: str, threads: int | None) -> Callable[[], Iterable]:
+            return lambda: data.make_loader(shards, cfg.batch_size, split=cfg.split, backend=backend, device=device,
+                                            num_threads=threads)
+
+        contenders: dict[str, Callable[[], Iterable]] = {
+            "seed-baseline": lambda: torch.utils.data.DataLoader(
+                SeedBaseline(paths, cfg.size), batch_size=cfg.batch_size, shuffle=True, num_workers=workers),
+            "torch": loader("torch", "cpu", workers),
+            "dali-cpu": loader("dali", "cpu", cfg.threads or None),
+        }
+        if torch.cuda.is_available():
+            contenders["dali-gpu"] = loader("dali", "cuda", cfg.threads or None)
+
+        best: dict[str, dict] = {}
+        with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("loaders", total=max(1, cfg.rounds) * len(contenders))
+            for r in range(max(1, cfg.rounds)):
+                for name, make in contenders.items():
+                    progress.update(task, description=f"round {r + 1}: {name}")
+                    m = measure(make, cfg.epochs, cfg.min_seconds)
+                    progress.console.print(f"round {r + 1}: {name:14s} {m['images_per_s']:9,.0f} images/s  "
+                                           f"{m['cpu_s_per_1k']:.3f} CPU s/1k images")
+                    if name not in best or m["images_per_s"] > best[name]["images_per_s"]:
+                        best[name] = m
+                    progress.advance(task)
+        results = [{"name": name, **{k: round(v, 4) for k, v in m.items()}} for name, m in best.items()]
+        if torch.cuda.is_available() and cfg.train_step:
+            results += train_step_rates(shards, cfg)
+
+    base = best["seed-baseline"]["images_per_s"]
+    for r in results:
+        r["x_seed_baseline"] = round(r["images_per_s"] / base, 2)
+    report = {"results": results, "machine": info, "commit": commit(), "config": dataclasses.asdict(cfg),
+              "raw_images": len(paths), "shard_samples": shard_samples}
+
+    table = Table(title=f"data loaders, batch {cfg.batch_size}, {cfg.size} px, {info['cores']} cores ({info['cpu']})"
+                        + (f", {info['gpu']}" if info["gpu"] else ", no GPU"))
+    for col in ("loader", "images/s", "CPU s / 1k images", "x seed-baseline"):
+        table.add_column(col, justify="left" if col == "loader" else "right")
+    for r in results:
+        cpu = "-" if r["cpu_s_per_1k"] is None else f"{r['cpu_s_per_1k']:.3f}"
+        table.add_row(r["name"], f"{r['images_per_s']:,.0f}", cpu, f"{r['x_seed_baseline']:.1f}x")
+    console.print(table)
+    print(json.dumps(report))
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = path.with_name(path.name + ".tmp")
+        with open(tmp_path, "w") as f:
+            f.write(json.dumps(report, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    return report
+
+
+if __name__ == "__main__":
+    main()
