@@ -40,7 +40,7 @@ INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64
 HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default; untuned here)
 DALI_PIP = "pip install nvidia-dali-cuda130 (CUDA 13 drivers) or nvidia-dali-cuda120 (CUDA 12 drivers)"
 STATE_KEYS = ("backend", "split", "seed", "rank", "world_size", "batch_size", "shuffle", "flip", "drop_last",
-              "num_samples")
+              "num_samples", "keys")
 
 
 class DataError(ValueError):
@@ -297,11 +297,16 @@ class DaliLoader(Loader):
             self._iter = DALIGenericIterator(pipe, self._names, reader_name="Reader", auto_reset=True,
                                              last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:
+            if checkpoint is not None and "checkpoint" in str(e):
+                raise DataError(f"{self.data_dir / MANIFEST}: cannot restore DALI's position: the state comes from "
+                                f"another pipeline (device {state.get('dali_device')!r}, now "
+                                f"{self.device.type!r})") from None
             raise self._read_error(e) from None
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["dali"] = bytes(self._iter.checkpoints()[0])
+        # DALI's checkpoint restores only into the same graph: the decoder differs between CPU and GPU.
+        state.update(dali=bytes(self._iter.checkpoints()[0]), dali_device=self.device.type)
         return state
 
     def _read_error(self, e: Exception) -> Exception:

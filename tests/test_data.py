@@ -300,3 +300,19 @@ def test_without_dali(shards, monkeypatch):
         make_loader(shards, 8, backend="dali", device="cpu")
     assert "\n" not in str(e.value)
     assert len(next(iter(make_loader(shards, 8, backend="torch", device="cpu", num_threads=0)))["image"]) == 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_without_attributes(celeba_src, tmp_path_factory, backend):
+    out = tmp_path_factory.getbasetemp() / "plain_shards"
+    if not (out / "manifest.json").exists():  # a plain folder of images: no attributes, everything in train
+        from prepare_shards import PrepareConfig, prepare
+
+        folder = tmp_path_factory.mktemp("plain")
+        for p in sorted((celeba_src / "img_align_celeba").glob("*.jpg"))[:40]:
+            shutil.copy(p, folder / p.name)
+        prepare(PrepareConfig(src=str(folder), out=str(out), size=32, samples_per_shard=16, workers=1))
+    ld = loader(out, backend, 16)
+    assert ld.attributes == [] and ld.num_samples == 40
+    batches = list(ld)
+    assert [len(b["image"]) for b in batches] == [16, 16, 8] and all("attr" not in b for b in batches)
