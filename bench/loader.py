@@ -241,10 +241,13 @@ def main(argv: list[str] | None = None) -> dict:
             "seed-baseline": lambda: torch.utils.data.DataLoader(
                 SeedBaseline(paths, cfg.size), batch_size=cfg.batch_size, shuffle=True, num_workers=workers),
             "torch": loader("torch", "cpu", workers),
-            "dali-cpu": loader("dali", "cpu", cfg.threads or None),
         }
-        if torch.cuda.is_available():
-            contenders["dali-gpu"] = loader("dali", "cuda", cfg.threads or None)
+        if info["dali"] is None:
+            console.print(f"[yellow]no DALI: dali-cpu and dali-gpu left out ({data.DALI_PIP})")
+        else:
+            contenders["dali-cpu"] = loader("dali", "cpu", cfg.threads or None)
+            if torch.cuda.is_available():
+                contenders["dali-gpu"] = loader("dali", "cuda", cfg.threads or None)
 
         best: dict[str, dict] = {}
         with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
                         best[name] = m
                     progress.advance(task)
         results = [{"name": name, **{k: round(v, 4) for k, v in m.items()}} for name, m in best.items()]
-        if torch.cuda.is_available() and cfg.train_step:
+        if "dali-gpu" in contenders and cfg.train_step:
             results += train_step_rates(shards, cfg)
 
     base = best["seed-baseline"]["images_per_s"]
