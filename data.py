@@ -141,7 +141,7 @@ class Loader:
 
     Attributes: image_size (S), attributes (names, [] without), num_samples (this rank's samples per epoch),
     batch_size, drop_last, device, dtype, backend, epoch (the epoch the current or next iteration belongs to).
-    Iterating again after a partial iteration continues the same epoch where it stopped.
+    Iterating again after a partial iteration continues the same epoch where it stopped (one iteration at a time).
     """
 
     backend = ""
@@ -184,8 +184,9 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._roll()
-        batches = self._epoch_batches()
-        while self._batches < self._len:
+        epoch, batches = self._epoch, self._epoch_batches()
+        # Ends early when `epoch` or state_dict() has already moved the position past this epoch's last batch.
+        while self._epoch == epoch and self._batches < self._len:
             batch = next(batches)
             self._batches += 1
             if self._batches == self._len:

@@ -213,6 +213,23 @@ def test_resume_gives_the_batches_that_would_have_come_next(shards, backend, sto
         assert g["key"] == e["key"] and torch.equal(g["image"], e["image"]) and torch.equal(g["attr"], e["attr"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_the_position_between_batches(shards, backend):
+    # A training loop asks for loader.epoch and state_dict() before each batch, and starts a new iteration when
+    # the last one is exhausted: the epochs still come whole, one after the other.
+    ld = loader(shards, backend, 40, seed=2)
+    batches, seen = iter(ld), {}
+    while len(seen) < 3 or len(seen[2]) < TRAIN:
+        e, state = ld.epoch, ld.state_dict()
+        assert (state["epoch"], state["batches"] * 40) == (e, len(seen.get(e, [])))
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(ld)
+            continue
+        seen.setdefault(e, []).extend(batch["key"])
+    assert sorted(seen) == [0, 1, 2] and all(sorted(k) == sorted(seen[0]) and len(k) == TRAIN for k in seen.values())
+
+
 def test_a_state_from_other_arguments_is_refused(shards):
     state = saved(loader(shards, "torch").state_dict())
     with pytest.raises(DataError, match="batch_size=32"):
