@@ -53,18 +53,21 @@ def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.n
     """The original timesteps a `steps`-step sampler visits, ascending, int64.
 
     "uniform": round(i * T / steps), i = 0..steps-1 (DDIM's range(0, T, T // steps) when steps divides T);
-    "quadratic": int(linspace(0, sqrt(0.8 T), steps)^2) as in the DDIM code, duplicates (near 0) removed, so a few
-    fewer steps may result when `steps` is large.
+    "quadratic": int(linspace(0, sqrt(0.8 T), steps)^2) as in the DDIM code, where the first few would repeat (near
+    0) each is bumped to one past its predecessor, so there are exactly `steps` distinct timesteps (fewer only when
+    steps is so large that they would pass T - 1).
     """
     if not 1 <= steps <= timesteps:
         raise ValueError(f"diffusion: steps must be in 1..{timesteps}, got {steps}")
     if spacing == "uniform":
         ts = np.round(np.arange(steps) * (timesteps / steps))
     elif spacing == "quadratic":
-        ts = np.linspace(0, math.sqrt(timesteps * 0.8), steps) ** 2
+        ts = (np.linspace(0, math.sqrt(timesteps * 0.8), steps) ** 2).astype(np.int64)
+        for i in range(1, len(ts)):
+            ts[i] = max(ts[i], ts[i - 1] + 1)
     else:
         raise ValueError(f"diffusion: unknown spacing {spacing!r} (choose uniform or quadratic)")
-    return np.unique(ts.astype(np.int64))
+    return np.unique(np.minimum(ts.astype(np.int64), timesteps - 1))
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
