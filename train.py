@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import inspect
 import json
@@ -53,7 +54,7 @@ class TrainConfig:
     data: str = ""  # shards folder written by prepare_shards.py (required)
     out: str = "runs/celeba"  # run folder: config.json, checkpoints/, samples/, metrics.jsonl
     loader: str = "dali"  # data pipeline: dali | torch
-    num_workers: int = 0  # DALI CPU threads or torch DataLoader workers (0 = the loader's default)
+    num_workers: int = -1  # DALI CPU threads or torch DataLoader workers (-1 = the loader's default)
     # Model and diffusion: the architecture, fixed by the checkpoint when resuming.
     preset: str = "celeba64"  # UNet preset: tiny | small64 | celeba64 | celeba128
     base_channels: int = 0  # override the preset's base width (0 = the preset's)
@@ -227,6 +228,14 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters' bytes: the same on every rank while DDP keeps them in step."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def gather(obj: object, world_size: int, group: object = None) -> list:
     """Every rank's `obj`, in rank order (just [obj] without a process group)."""
     if world_size == 1:
@@ -301,8 +310,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         if data_state is None:
             console.print("[yellow]warning:[/] the number of ranks changed; the data order restarts")
     loader = make_loader(cfg.data, cfg.batch_size // world_size, split="train", backend=cfg.loader,
-                         device=device.type, shuffle=True, flip=True, seed=cfg.seed, rank=rank,
-                         world_size=world_size, drop_last=True, num_threads=cfg.num_workers or None, state=data_state)
+                         device=device, shuffle=True, flip=True, seed=cfg.seed, rank=rank, world_size=world_size,
+                         drop_last=True, num_threads=None if cfg.num_workers < 0 else cfg.num_workers,
+                         state=data_state)
     if len(loader) == 0:
         raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // world_size}")
     if cfg.cond and not loader.attributes:
@@ -386,16 +396,21 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                                generator=torch.Generator().manual_seed(cfg.seed)).to(device)
 
     # Logs: metrics.jsonl, optional TensorBoard, and a live display on a terminal (plain lines otherwise).
+    # `cleanup` closes them, restores the signal handlers and leaves the process group however the loop ends.
+    cleanup = contextlib.ExitStack()
+    if world_size > 1:
+        cleanup.callback(dist.destroy_process_group)
     writer = None
     if is_main and cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
+            writer = cleanup.enter_context(SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1))
         except ImportError:
             console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if is_main else None
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal)
+    metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if is_main else None
+    progress = cleanup.enter_context(Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal))
     task = progress.add_task("train", total=total_steps, completed=step, status="")
 
     # SIGTERM/SIGINT ask for a checkpoint after the current step; a second SIGINT stops at once.
@@ -405,7 +420,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         if stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop_signal.append(signum)  # acted on after the step (printing from a handler is not safe)
-    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
 
     # Running sums stay on the device and are read back only when logging.
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -414,21 +430,21 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     worst_streak = torch.zeros((), device=device, dtype=torch.int64)
     grad_norm = torch.zeros((), device=device)
     lr = optimizer.param_groups[0]["lr"]
-    last_log_time, last_log_images, data_wait, saved_step, ckpt_written = time.perf_counter(), images_seen, 0.0, -1, None
+    last_log_time, last_log_images, data_wait = time.perf_counter(), images_seen, 0.0
+    saved_step, ckpt_written = -1, None
     batches = iter(loader)
     if step >= total_steps:
         console.print(f"already at step {step} of {total_steps}; nothing to train")
 
-    with progress:
+    with cleanup:
         while step < total_steps:
             # Fetch the next batch; an exhausted loader starts the next epoch.
             t0 = time.perf_counter()
+            epoch = loader.epoch  # the epoch this batch belongs to
             batch = next(batches, None)
             if batch is None:
                 batches = iter(loader)
                 continue
-            data_state = loader.state_dict()  # the position right after this step's batch
-            epoch = loader.epoch
             data_wait += time.perf_counter() - t0
             x0 = batch["image"]
             if cfg.channels_last:
@@ -530,9 +546,14 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 console.print(f"samples: {grid_path}")
 
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.
+            # No batch has been fetched since this step's, so the loader's state is the position right after it.
             if checkpoint_now and saved_step != step:
                 rng = {**capture_rng(), "noise": noise_gen.get_state()}
-                rngs, data_states = gather(rng, world_size, control), gather(data_state, world_size, control)
+                rngs, data_states = gather(rng, world_size, control), gather(loader.state_dict(), world_size, control)
+                if world_size > 1:
+                    if len(set(gather(weights_digest(model), world_size, control))) > 1:
+                        raise RuntimeError(f"step {step}: the ranks hold different weights (DDP out of step)")
+                    console.print(f"weights identical on {world_size} ranks at step {step}")
                 if is_main:
                     if not all_finite([*model.parameters(), *ema.state_dict()["shadow_params"]]):
                         raise FloatingPointError(f"step {step}: the weights are not finite; not writing a "
@@ -557,15 +578,6 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 console.print(f"[yellow]stopped by {name} at step {step}[/]; run the same command to continue")
                 break
 
-    # Tidy up: handlers, files, process group.
-    for s, handler in previous_handlers.items():
-        signal.signal(s, handler)
-    if metrics_file is not None:
-        metrics_file.close()
-    if writer is not None:
-        writer.close()
-    if world_size > 1:
-        dist.destroy_process_group()
     if step >= total_steps and ckpt_written is not None:
         console.print(f"[bold green]done[/]: step {step}, {images_seen} images; last checkpoint {ckpt_written}")
     return ckpt_written
