@@ -91,14 +91,14 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _model_device(model: Model, *tensors: torch.Tensor | None) -> torch.device | None:
-    """The device to sample on: of the first given tensor, else of the model's first parameter, else None."""
-    for x in tensors:
-        if x is not None:
-            return x.device
+def _sample_device(model: Model, *tensors: torch.Tensor | None) -> torch.device | None:
+    """Where to sample: the model's (first parameter's) device, else that of the first given tensor, else None."""
     if isinstance(model, nn.Module):
         for p in model.parameters():
             return p.device
+    for x in tensors:
+        if x is not None:
+            return x.device
     return None
 
 
@@ -381,7 +381,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"diffusion: noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         if cond is not None and cond.shape[0] != shape[0]:
             raise ValueError(f"diffusion: cond has {cond.shape[0]} rows for a batch of {shape[0]}")
-        device = _model_device(model, noise, cond) or self.betas.device
+        device = _sample_device(model, noise, cond) or self.betas.device
         steps = self.num_timesteps if steps is None else steps
         timesteps = make_timesteps(self.num_timesteps, steps, spacing)[::-1].copy()
         prev_timesteps = np.append(timesteps[1:], -1)

@@ -21,8 +21,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 # DDIM over 50 uniformly spaced steps (0, 20, ..., 980) is a first-order solver: on Gaussian data N(MU, S^2) with
-# S = 0.25 its samples come out narrow by this factor (measured; 0.885 at S = 0.2, 0.949 at S = 0.5).
-DDIM50_STD_RATIO = 0.906
+# S = 0.25 its samples come out 9.5% narrow (measured std / S: 0.9049, 0.9042, 0.8992 for seeds 0, 1, 2; the figure
+# depends on S: 0.885 at S = 0.2, 0.949 at S = 0.5). DDIM-250 gives 0.98, DDPM-1000 0.99.
+DDIM50_STD_RATIO = 0.905
 MU, S = 0.3, 0.25
 SHAPE = (4096, 1, 2, 2)
 
@@ -331,8 +332,8 @@ def test_exact_two_point_mixture_splits_half_and_half(diffusion, sampler, steps)
                          generator=torch.Generator().manual_seed(2))
     positive = (x > 0).float().mean().item()
     assert positive == pytest.approx(0.5, abs=0.02)
-    near = ((x.abs() - 0.5).abs() < 0.05).float().mean().item()
-    assert near > 0.97
+    # The last step lands on E[x0 | x_t] at t = 0, which is +-0.5 up to float rounding for this data.
+    assert (x.abs() - 0.5).abs().max() < 0.01
 
 
 def test_ddim_eta1_is_respaced_ddpm(diffusion):
