@@ -60,7 +60,7 @@ class EvalConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 autocast for the UNet while sampling
     metrics: str = "fid,kid"  # comma list of fid, kid
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
-    inception: str = ""  # TorchScript inception-2015-12-05.pt; empty: look in torch hub's cache and ~/.cache/celeba-ddpm
+    inception: str = ""  # TorchScript inception-2015-12-05.pt (empty: torch hub's cache, then ~/.cache/celeba-ddpm)
     device: str = "auto"  # auto | cuda | cpu
     outdir: str = ""  # generated images (default RUN/eval/step-...-<sampler settings>); existing images are reused
     cache_dir: str = ""  # reference statistics cache (default ~/.cache/celeba-ddpm/ref-stats)

@@ -1,4 +1,4 @@
-"""FID/KID maths, the stand-in feature network end to end, evaluate.py's caching and eval.json; real Inception if present."""
+"""FID/KID maths, the stand-in feature network end to end, evaluate.py's cache and eval.json; real Inception."""
 from __future__ import annotations
 
 import dataclasses
