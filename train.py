@@ -39,7 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
-from data import make_loader
+from data import DaliMissingError, DataError, ShardReadError, make_loader
 from diffusion import GaussianDiffusion
 from ema import EMA
 from images import save_grid
@@ -305,14 +305,23 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
     # Open this rank's part of the training data, continuing at the checkpoint's position.
     data_state = ckpt["data_state"] if ckpt is not None else None
-    if isinstance(data_state, dict) and "ranks" in data_state:
-        data_state = data_state["ranks"][rank] if data_state.get("world_size") == world_size else None
+    if data_state is not None and "ranks" in data_state:  # a torchrun run saves one position per rank
+        data_state = data_state["ranks"][rank] if data_state["world_size"] == world_size else None
+    elif data_state is not None and world_size > 1:
+        data_state = None
+    if ckpt is not None and data_state is None:
+        console.print("[yellow]warning:[/] the number of ranks changed: the data order restarts")
+    loader_args = dict(split="train", backend=cfg.loader, device=device, shuffle=True, flip=True, seed=cfg.seed,
+                       rank=rank, world_size=world_size, drop_last=True,
+                       num_threads=None if cfg.num_workers < 0 else cfg.num_workers)
+    try:
+        loader = make_loader(cfg.data, cfg.batch_size // world_size, **loader_args, state=data_state)
+    except DataError as e:
         if data_state is None:
-            console.print("[yellow]warning:[/] the number of ranks changed; the data order restarts")
-    loader = make_loader(cfg.data, cfg.batch_size // world_size, split="train", backend=cfg.loader,
-                         device=device, shuffle=True, flip=True, seed=cfg.seed, rank=rank, world_size=world_size,
-                         drop_last=True, num_threads=None if cfg.num_workers < 0 else cfg.num_workers,
-                         state=data_state)
+            raise
+        # A changed --batch-size, --seed or --loader cannot continue the old order: say so and start a new one.
+        console.print(f"[yellow]warning:[/] {e}; the data order restarts")
+        loader = make_loader(cfg.data, cfg.batch_size // world_size, **loader_args)
     if len(loader) == 0:
         raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // world_size}")
     if cfg.cond and not loader.attributes:
@@ -587,7 +596,8 @@ if __name__ == "__main__":
     config, given_flags = parse_config(TrainConfig)
     try:
         main(config, given_flags)
-    except (ConfigError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, CheckpointError, DataError, ShardReadError, DaliMissingError, FileNotFoundError,
+            FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -255,6 +255,16 @@ def test_architecture_clash_is_refused(reference: Path, tmp_path: Path, shards: 
         train.main(_cfg(shards, out, schedule="cosine", steps=20, loader="dali"))
 
 
+def test_changed_batch_size_resumes_with_a_new_data_order(reference: Path, shards: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    train_here(train_cmd(shards, out, "dali", 14, 4, "--batch-size", "8"))
+    log = capsys.readouterr().out
+    assert "batch_size: 16 -> 8" in log and "the data order restarts" in log
+    ckpt = load_checkpoint(out / "checkpoints" / "step-00000014.pt")
+    assert ckpt["images_seen"] == 12 * 16 + 2 * 8 and ckpt["data_state"]["batch_size"] == 8
+
+
 def test_resume_never_refuses_a_run_with_checkpoints(reference: Path, shards: Path, tmp_path: Path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
