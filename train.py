@@ -2,11 +2,13 @@
 
     python train.py --data shards64 --out runs/c64 --preset celeba64 --steps 500000
     torchrun --nproc_per_node=8 train.py --data shards64 --out runs/c64 --steps 500000      # one machine, 8 GPUs
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=JOB --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+                                  # on each of 2 machines; OUT and the shards on a filesystem they share
 
 Run the same command again and it continues from the newest checkpoint in OUT/checkpoints that loads and verifies
 (`--resume auto`): model, EMA, optimizer, loss scale, LR schedule, step, epoch, image count, data position and every
-random state come back, so on the CPU a run killed at any moment ends bit-identical to one never interrupted.
+random state come back, so on the CPU a run killed at any moment ends bit-identical to one never interrupted (with
+the same thread count: float sums depend on it).
 SIGTERM or SIGINT (preemption, notebook limits) finishes the step, writes a checkpoint and exits 0; a second SIGINT
 exits at once. `--batch-size` counts images per step over all ranks; each rank reads its own part of the data.
 """
@@ -551,7 +553,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 model.train()
                 grid_path = save_grid(grid, run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
                 if writer is not None:
-                    writer.add_image("samples", (grid[:64].clamp(-1, 1) + 1) / 2, step, dataformats="NCHW")
+                    writer.add_images("samples", (grid.clamp(-1, 1) + 1) / 2, step)
                 console.print(f"samples: {grid_path}")
 
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.

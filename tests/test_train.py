@@ -311,6 +311,13 @@ def test_lr_schedule():
     assert lr_factor(104, 4, 104, "cosine") == pytest.approx(0.0)
 
 
+def test_tensorboard_scalars_and_grids(shards: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train.main(_cfg(shards, out, steps=2, ckpt_every=0, tensorboard=True, sample_every=2, sample_steps=2))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
 # ------------------------------------------------------------------------------------------------- multi-process
 
 def test_torchrun_two_ranks_on_gloo_agree_and_resume(shards: Path, tmp_path: Path):
