@@ -218,18 +218,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_cuda_fp16_channels_last_compiled(name):
-    """On GPU: fp16 autocast + channels_last + inductor compile, finite and close to the fp32 eager output."""
+def test_cuda_fp16_channels_last(name):
+    """On GPU: fp16 autocast + channels_last (flash / memory-efficient attention kernels), finite and close to fp32;
+    tiny and celeba64 also through inductor with fullgraph=True (the big ones would only repeat a long compile)."""
     torch._dynamo.reset()
     size = PRESETS[name]["image_size"]
     model = perturb_zero_init(build_unet(name, cond_dim=40)).cuda().eval().to(memory_format=torch.channels_last)
     x, t, cond = (v.cuda() for v in inputs(size, 4))
     cond[0] = -1
     x = x.to(memory_format=torch.channels_last)
+    forward = torch.compile(model, fullgraph=True) if name in ("tiny", "celeba64") else model
     with torch.no_grad():
         ref = model(x, t, cond)
-        compiled = torch.compile(model, fullgraph=True)
         with torch.autocast("cuda", dtype=torch.float16):
-            out = compiled(x, t, cond)
+            out = forward(x, t, cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
