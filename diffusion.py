@@ -37,7 +37,7 @@ def linear_betas(timesteps: int) -> np.ndarray:
 
 
 def cosine_alpha_bar(u: np.ndarray | float, s: float = 0.008) -> np.ndarray:
-    """Nichol and Dhariwal's cosine alpha_bar at continuous time u in [0, 1]: f(u) / f(0), f(u) = cos^2(pi/2 (u+s)/(1+s))."""
+    """Nichol and Dhariwal's cosine alpha_bar at time u in [0, 1]: f(u) / f(0), f(u) = cos^2(pi/2 (u + s) / (1 + s))."""
     f = lambda v: np.cos((np.asarray(v, dtype=np.float64) + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     return f(u) / f(0.0)
 
@@ -71,7 +71,7 @@ def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.n
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal float32 noise on `device`, drawn from `generator` (on the generator's own device if it differs)."""
+    """Standard normal float32 noise on `device` from `generator` (drawn on the generator's device if it differs)."""
     if generator is None or generator.device == device:
         return torch.randn(shape, generator=generator, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
@@ -116,8 +116,8 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"diffusion: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
         if objective not in OBJECTIVES:
             raise ValueError(f"diffusion: unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
-        if timesteps < 1:
-            raise ValueError(f"diffusion: timesteps must be >= 1, got {timesteps}")
+        if timesteps < 2:
+            raise ValueError(f"diffusion: timesteps must be >= 2, got {timesteps}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"diffusion: min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.config: dict[str, Any] = dict(timesteps=int(timesteps), schedule=schedule, objective=objective,
@@ -127,6 +127,8 @@ class GaussianDiffusion(nn.Module):
         self.min_snr_gamma = min_snr_gamma
 
         betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
+        if betas.max() >= 1.0:  # the scaled linear schedule ends at 20 / T
+            raise ValueError(f"diffusion: the {schedule} schedule needs timesteps > 20, got {timesteps}")
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])

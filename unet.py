@@ -162,7 +162,16 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Attention UNet denoiser; `self.config` holds every constructor argument so `UNet(**m.config)` rebuilds it."""
+    """Attention UNet denoiser; `self.config` holds every constructor argument so `UNet(**m.config)` rebuilds it.
+
+    image_size: training resolution (decides where attention sits; must divide by 2^(levels-1));
+    in_channels: image channels (the output has as many); base_channels: C, the width of the first level;
+    channel_mult: per-level width multipliers of C (one level per entry, halving the resolution between levels);
+    num_res_blocks: res blocks per level on the way down (one more on the way up); attn_resolutions: resolutions
+    that get self-attention after each res block; num_heads: attention heads; dropout: in every res block;
+    cond_dim: length of the attribute vector (0: unconditional); use_scale_shift_norm: the embedding scales and
+    shifts the second norm instead of being added (improved-diffusion); num_groups: GroupNorm groups.
+    """
 
     def __init__(
         self,

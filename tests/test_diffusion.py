@@ -34,7 +34,9 @@ def diffusion():
 
 
 def gaussian_denoiser(d: GaussianDiffusion, mu: float, s: float, objective: str = "eps"):
-    """The exact model for x0 ~ N(mu, s^2): E[eps | x_t] = sqrt(1-a)(x_t - sqrt(a) mu) / (a s^2 + 1 - a), a = alpha_bar_t."""
+    """The exact model for x0 ~ N(mu, s^2): E[eps | x_t] = sqrt(1-a)(x_t - sqrt(a) mu) / (a s^2 + 1 - a), a = alpha_bar.
+
+    Given as eps, x0 or v according to `objective`."""
     def model(x, t, cond=None):
         a = d.alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
         eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s * s + 1 - a)
@@ -90,7 +92,7 @@ def test_config_rebuilds_and_state_dict_is_empty(diffusion):
     assert clone.config == d.config == {"timesteps": 500, "schedule": "cosine", "objective": "v", "min_snr_gamma": 5.0}
     assert torch.equal(clone.alphas_cumprod, d.alphas_cumprod)
     assert diffusion.state_dict() == {}  # buffers are derived from the config, not saved
-    for bad in (dict(schedule="sigmoid"), dict(objective="score"), dict(timesteps=0), dict(min_snr_gamma=0.0)):
+    for bad in (dict(schedule="sigmoid"), dict(objective="score"), dict(timesteps=1), dict(timesteps=20), dict(min_snr_gamma=0.0)):
         with pytest.raises(ValueError):
             GaussianDiffusion(**bad)
 
@@ -287,7 +289,8 @@ def stats(x):
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 1000), ("ddim", 250)])
 def test_exact_gaussian_samplers_match_data(diffusion, sampler, steps):
     model = gaussian_denoiser(diffusion, MU, S)
-    x = diffusion.sample(model, SHAPE, sampler=sampler, steps=steps, eta=0.0, generator=torch.Generator().manual_seed(0))
+    x = diffusion.sample(model, SHAPE, sampler=sampler, steps=steps, eta=0.0,
+                         generator=torch.Generator().manual_seed(0))
     assert x.shape == SHAPE and x.dtype == torch.float32
     mean, std = stats(x)
     assert mean == pytest.approx(MU, abs=0.01)
