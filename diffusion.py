@@ -156,13 +156,20 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------------------------------------ helpers
 
     @staticmethod
-    def _extract(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _timesteps(t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
+        """t as a long [B] tensor on x's device (an int or a 0-d tensor is broadcast over the batch of x)."""
+        t = torch.as_tensor(t, device=x.device).long()
+        return t.expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
+
+    @classmethod
+    def _extract(cls, values: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor) -> torch.Tensor:
         """values[t] as [B, 1, ..., 1] to broadcast against x, float32 (float64 when x is float64).
 
-        values: [T] float64 buffer, t: [B] long, x: [B, ...].
+        values: [T] float64 buffer, t: [B] long (or a scalar), x: [B, ...].
         """
+        t = cls._timesteps(t, x)
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        out = values.to(t.device)[t].to(dtype)
+        out = values.to(x.device)[t].to(dtype)
         return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
     def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
@@ -203,6 +210,7 @@ class GaussianDiffusion(nn.Module):
                     + self._extract(self.posterior_mean_coef2, t, xt) * xt)
             return (mean, self._extract(self.posterior_variance, t, xt),
                     self._extract(self.posterior_log_variance_clipped, t, xt))
+        t, t_prev = self._timesteps(t, xt), self._timesteps(t_prev, xt)
         ab, ab_prev = self._alpha_bar(t), self._alpha_bar(t_prev)
         alpha = ab / ab_prev
         coef1 = ab_prev.sqrt() * (1.0 - alpha) / (1.0 - ab)
@@ -291,6 +299,8 @@ class GaussianDiffusion(nn.Module):
         """
         if variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"diffusion: unknown variance {variance!r} (choose fixed_small or fixed_large)")
+        t = self._timesteps(t, xt)
+        t_prev = t - 1 if t_prev is None else self._timesteps(t_prev, xt)
         output = self.model_output(model, xt, t, cond, guidance)
         with _no_autocast(xt.device):
             xt = xt.float()
@@ -298,8 +308,6 @@ class GaussianDiffusion(nn.Module):
             if clip_denoised:
                 pred_x0 = pred_x0.clamp(-1.0, 1.0)
             pred_eps = self.predict_eps_from_x0(xt, t, pred_x0)
-            if t_prev is None:
-                t_prev = t - 1
             mean, var, log_var = self.q_posterior_mean_variance(pred_x0, xt, t, t_prev)
             if variance == "fixed_large":
                 # beta of the (possibly respaced) step; at the last step no noise is added, so its value is moot.

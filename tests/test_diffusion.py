@@ -92,7 +92,8 @@ def test_config_rebuilds_and_state_dict_is_empty(diffusion):
     assert clone.config == d.config == {"timesteps": 500, "schedule": "cosine", "objective": "v", "min_snr_gamma": 5.0}
     assert torch.equal(clone.alphas_cumprod, d.alphas_cumprod)
     assert diffusion.state_dict() == {}  # buffers are derived from the config, not saved
-    for bad in (dict(schedule="sigmoid"), dict(objective="score"), dict(timesteps=1), dict(timesteps=20), dict(min_snr_gamma=0.0)):
+    for bad in (dict(schedule="sigmoid"), dict(objective="score"), dict(timesteps=1), dict(timesteps=20),
+                dict(min_snr_gamma=0.0)):
         with pytest.raises(ValueError):
             GaussianDiffusion(**bad)
 
@@ -125,6 +126,15 @@ def test_q_sample_closed_form(diffusion):
     mean, var = diffusion.q_mean_variance(x0, t)
     torch.testing.assert_close(mean, diffusion.sqrt_alphas_cumprod[t].float().reshape(-1, 1, 1, 1) * x0)
     torch.testing.assert_close(var.flatten(), (1 - diffusion.alphas_cumprod[t]).float())
+
+
+def test_scalar_timesteps_broadcast(diffusion):
+    x0, noise = torch.rand(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    expected = diffusion.q_sample(x0, torch.full((3,), 123), noise)
+    torch.testing.assert_close(diffusion.q_sample(x0, 123, noise), expected)
+    torch.testing.assert_close(diffusion.q_sample(x0, torch.tensor(123), noise), expected)
+    out = diffusion.p_mean_variance(lambda x, t, cond=None: torch.zeros_like(x), x0, 5)
+    assert out["mean"].shape == x0.shape and out["variance"].shape == (3, 1, 1, 1)
 
 
 def test_q_sample_half_input_runs_in_float32(diffusion):
