@@ -509,6 +509,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 sums = torch.stack([loss_sum, loss_count])
                 if world_size > 1:
                     dist.all_reduce(sums)
+                    dist.all_reduce(worst_streak, op=dist.ReduceOp.MAX)  # every rank stops together
                 if int(worst_streak) >= cfg.max_nonfinite:
                     raise FloatingPointError(
                         f"the loss was NaN/inf for {int(worst_streak)} consecutive steps (now at step {step}, "
