@@ -567,11 +567,12 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                         raise RuntimeError(f"step {step}: the ranks hold different weights (DDP out of step)")
                     console.print(f"weights identical on {world_size} ranks at step {step}")
                 if is_main:
-                    if not all_finite([*model.parameters(), *ema.state_dict()["shadow_params"]]):
+                    ema_state = ema.state_dict()
+                    if not all_finite([*model.parameters(), *ema_state["shadow_params"]]):
                         raise FloatingPointError(f"step {step}: the weights are not finite; not writing a "
                                                  f"checkpoint over {ckpt_written or 'the previous ones'}")
                     ckpt_written = save_checkpoint(run_dir, {
-                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "model": model.state_dict(), "ema": ema_state, "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "lr_scheduler": scheduler.state_dict(), "step": step,
                         "epoch": epoch, "images_seen": images_seen,
                         "data_state": data_states[0] if world_size == 1 else {"world_size": world_size,

@@ -1,7 +1,6 @@
 """utills.py: atomic checkpoints, pruning, verification and fallback, RNG capture/restore."""
 import argparse
 import random
-import warnings
 
 import numpy as np
 import pytest
