@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import signal
 import warnings
 import weakref
 from pathlib import Path
@@ -451,6 +452,16 @@ class _BatchReader(torch.utils.data.Dataset):
         return batch
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which finishes its step and saves a checkpoint.
+
+    Slurm and Ctrl-C signal the whole process group; a worker killed by it would make the main process raise
+    before it could save. Workers still exit with the main process (PyTorch's watchdog checks the parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _EpochPlan(torch.utils.data.Sampler):
     """Yields the remaining batches of the loader's current epoch as (local sample indices, flips)."""
 
@@ -477,7 +488,8 @@ class TorchLoader(Loader):
         self._loader = torch.utils.data.DataLoader(
             _BatchReader(index, self.format, self.image_size, bool(self.attributes)), batch_size=None,
             sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's order of the rank's samples and each position's flip, from (seed, epoch, rank) alone."""

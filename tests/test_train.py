@@ -178,9 +178,11 @@ def test_checkpoint_contents(reference: Path):
 
 # ----------------------------------------------------------------------------------------------------- signals
 
-def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(shards: Path, tmp_path: Path, capsys):
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(shards: Path, tmp_path: Path, capsys, loader: str):
     out = tmp_path / "run"
-    cmd = train_cmd(shards, out, "dali", 1000, 0)
+    # The torch loader with worker processes: Slurm's SIGTERM reaches the workers too, and must not crash the run.
+    cmd = train_cmd(shards, out, loader, 1000, 0, *(["--num-workers", "2"] if loader == "torch" else []))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for(lambda: last_step(out) >= 3, proc, "step 3")
@@ -193,7 +195,8 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero_then_resumes(shards: Path, t
     assert ckpt.name == f"step-{stopped:08d}.pt" and stopped == last_step(out) >= 3
 
     # Continue to a nearer end with a grid; the changed run field is reported.
-    train_here(train_cmd(shards, out, "dali", stopped + 2, 0, "--sample-every", "100", "--sample-steps", "3"))
+    train_here(train_cmd(shards, out, loader, stopped + 2, 0, "--sample-every", "100", "--sample-steps", "3",
+                         *(["--num-workers", "2"] if loader == "torch" else [])))
     assert f"steps: 1000 -> {stopped + 2}" in capsys.readouterr().out
     assert load_checkpoint(out / "checkpoints" / f"step-{stopped + 2:08d}.pt")["step"] == stopped + 2
     grid = Image.open(out / "samples" / f"step-{stopped + 2:08d}.png")
