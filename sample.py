@@ -79,6 +79,7 @@ class SampleConfig:
     trajectory_rows: int = 4  # samples in the --trajectory strip
     progress_gif: str = ""  # RUN folder: RUN/samples/*.png -> RUN/progress.gif, RUN/metrics.jsonl -> RUN/loss.png
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
+    noising: str = ""  # SHARDS folder: a strip of a few of its faces under the forward process q(x_t | x_0) -> --out
 
 
 class SampleError(ValueError):
@@ -103,6 +104,8 @@ def check_config(cfg: SampleConfig) -> None:
         raise SampleError(f"--eta must be in [0, 1], got {cfg.eta}")
     if cfg.variance not in ("fixed_small", "fixed_large"):
         raise SampleError(f"--variance must be fixed_small or fixed_large, got {cfg.variance!r}")
+    if cfg.noising and cfg.ckpt:
+        raise SampleError("--noising SHARDS draws the forward process only: give it with --out, without --ckpt")
 
 
 def pick_device(name: str) -> torch.device:
@@ -405,6 +408,24 @@ def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike)
     return save_grid(strip, path, nrow=len(columns), padding=2)
 
 
+NOISING_STEPS = (0, 50, 100, 200, 300, 400, 600, 999)
+
+
+def noising_strip(shards: str | os.PathLike, path: str | os.PathLike, rows: int = 4, seed: int = 0,
+                  timesteps: tuple[int, ...] = NOISING_STEPS) -> Path:
+    """A [rows x len(timesteps)] picture of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for the first faces of the
+    shards' train split, with DDPM's linear schedule (T = 1000) and one fixed eps per face."""
+    from data import make_loader
+
+    loader = make_loader(shards, rows, backend="torch", device="cpu", shuffle=False, flip=False, num_threads=0)
+    x0 = next(iter(loader))["image"]
+    diffusion = GaussianDiffusion(timesteps=1000, schedule="linear", objective="eps")
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    columns = [diffusion.q_sample(x0, torch.full((len(x0),), t), eps).clamp(-1, 1) for t in timesteps]
+    strip = torch.stack(columns, dim=1).reshape(len(x0) * len(columns), *x0.shape[1:])  # one row per face
+    return save_grid(strip, path, nrow=len(columns), padding=2)
+
+
 # ------------------------------------------------------------------------------------------------ pictures of a run
 
 def _step_of(path: Path) -> int:
@@ -523,9 +544,13 @@ def main(cfg: SampleConfig) -> list[Path]:
     wrote: list[Path] = []
     if cfg.progress_gif:
         wrote += run_pictures(cfg.progress_gif)
+    if cfg.noising:
+        wrote.append(noising_strip(cfg.noising, cfg.out or "noising.png", seed=cfg.seed))
     if not cfg.ckpt:
-        if not cfg.progress_gif:
+        if not (cfg.progress_gif or cfg.noising):
             raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
+        for p in wrote:
+            console.print(f"wrote {p}")
         return wrote
     if not (cfg.out or cfg.outdir or cfg.trajectory or cfg.export or cfg.progress_gif):
         cfg.out = "grid.png"

@@ -192,3 +192,19 @@ def test_cli_errors_are_one_line(run: Path, tmp_path: Path):
         with pytest.raises(SystemExit) as e:
             sample.cli(argv + ["--device", "cpu", "--out", str(tmp_path / "g.png")])
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_noising_strip_follows_q_sample(shards: Path, tmp_path: Path):
+    out = tmp_path / "noising.png"
+    sample.main(SampleConfig(noising=str(shards), out=str(out), seed=3))
+    picture = np.asarray(Image.open(out)).astype(np.float64)
+    s, cols = 32, len(sample.NOISING_STEPS)
+    assert picture.shape == (4 * (s + 2) + 2, cols * (s + 2) + 2, 3)
+    tile = lambda r, c: picture[2 + r * (s + 2):2 + r * (s + 2) + s, 2 + c * (s + 2):2 + c * (s + 2) + s]  # noqa: E731
+    # t = 0 is the face itself (alpha_bar_0 = 1 - 1e-4); by t = 999 only noise is left, uncorrelated with the face.
+    face = tile(0, 0)
+    first = np.corrcoef(face.ravel(), tile(0, 1).ravel())[0, 1]
+    last = np.corrcoef(face.ravel(), tile(0, cols - 1).ravel())[0, 1]
+    assert first > 0.9 and abs(last) < 0.2
+    with pytest.raises(SampleError, match="--noising"):
+        sample.main(SampleConfig(noising=str(shards), ckpt="x", out=str(out)))
