@@ -22,6 +22,7 @@ Both backends give rank r of W the same contiguous part of the split (DALI's sti
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
@@ -462,6 +463,18 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _shutdown_workers(loader_ref: "weakref.ref[torch.utils.data.DataLoader]") -> None:
+    """Stop a DataLoader's persistent workers: PyTorch's orderly shutdown, then SIGKILL for any still alive."""
+    loader = loader_ref()
+    it = getattr(loader, "_iterator", None)
+    if it is None:
+        return
+    it._shutdown_workers()  # PyTorch's own (private) orderly shutdown, as its __del__ does
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+
+
 class _EpochPlan(torch.utils.data.Sampler):
     """Yields the remaining batches of the loader's current epoch as (local sample indices, flips)."""
 
@@ -490,6 +503,9 @@ class TorchLoader(Loader):
             sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_ignore_stop_signals)
+        # Workers ignore SIGTERM, so multiprocessing's own exit handler (which terminates, then joins) would wait on
+        # them forever: shut them down first. atexit runs handlers last-registered first, so this one runs before.
+        atexit.register(_shutdown_workers, weakref.ref(self._loader))
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's order of the rank's samples and each position's flip, from (seed, epoch, rank) alone."""
