@@ -23,7 +23,6 @@ Both backends give rank r of W the same contiguous part of the split (DALI's sti
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from prepare_shards import sha256_file
 
 MANIFEST = "manifest.json"
 INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
@@ -105,18 +106,10 @@ def _check_shards(data_dir: Path, manifest: dict, split: str, verify: bool) -> l
             raise DataError(f"{idx}: not a v1.2 DALI index of {s['count']} samples (header {b' '.join(head)!r})")
         if verify:
             for f, key in ((tar, "sha256"), (idx, "idx_sha256")):
-                if key in s and _sha256(f) != s[key]:
+                if key in s and sha256_file(f) != s[key]:
                     raise DataError(f"{f}: sha256 differs from the manifest (corrupt or rewritten); "
                                     "re-run prepare_shards.py")
     return shards
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:

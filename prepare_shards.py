@@ -572,7 +572,8 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (the manifest's checksums; data.py checks them too)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -586,8 +587,8 @@ def _verified(out: Path, entry: dict) -> bool:
         return True
     try:
         tar, idx = out / entry["tar"], out / entry["idx"]
-        return (tar.stat().st_size == entry["bytes"] and _sha256(tar) == entry["sha256"]
-                and _sha256(idx) == entry["idx_sha256"])
+        return (tar.stat().st_size == entry["bytes"] and sha256_file(tar) == entry["sha256"]
+                and sha256_file(idx) == entry["idx_sha256"])
     except (OSError, KeyError, TypeError):
         return False
 

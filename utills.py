@@ -13,7 +13,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -45,43 +45,35 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` so that readers see either the old file or the complete new one, never a part."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], pause: bool = False) -> Path:
+    """Call write(file) on a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
+    readers see either the old file or the complete new one, never a part; a failure leaves no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-        if pause > 0:
-            time.sleep(pause)
+        if pause and float(os.environ.get(PAUSE_ENV, "0") or 0) > 0:  # test hook: a kill during the write
+            time.sleep(float(os.environ[PAUSE_ENV]))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically (see _atomic_write)."""
+    return _atomic_write(path, lambda f: torch.save(obj, f), pause=True)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` via a fsynced temporary file in the same folder and a rename (folder fsynced too)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    """Write `data` to `path` atomically (see _atomic_write)."""
+    return _atomic_write(path, lambda f: f.write(data))
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

@@ -24,10 +24,8 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench import common  # noqa: E402
 import data  # noqa: E402
 
 console = Console()
@@ -159,32 +158,17 @@ def train_step_rates(shards: Path, cfg: BenchConfig, device: str = "cuda") -> li
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     try:
         import nvidia.dali
         dali = nvidia.dali.__version__
     except ImportError:
         dali = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else None, "system": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "dali": dali, "load_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return common.machine(gpu=gpu, torch=torch.__version__, dali=dali)
 
 
 def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "data.py", "bench/loader.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return common.commit("data.py", "bench/loader.py")
 
 
 def raw_images(src: Path) -> list[Path]:

@@ -14,10 +14,7 @@ import argparse
 import dataclasses
 import io
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +29,7 @@ from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench import common  # noqa: E402
 import prepare_shards  # noqa: E402
 from fake_celeba import make_fake_celeba  # noqa: E402
 
@@ -65,27 +63,11 @@ def ours(src: Path, out: Path, size: int, workers: int) -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": prepare_shards._cpu_count(), "system": platform.platform(),
-            "python": platform.python_version(), "pillow": PIL.__version__, "load_1min_at_start": load}
+    return {**common.machine(pillow=PIL.__version__), "cores": prepare_shards._cpu_count()}
 
 
 def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "prepare_shards.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return common.commit("prepare_shards.py", "bench/shards.py")
 
 
 def main(argv: list[str] | None = None) -> dict:
