@@ -31,6 +31,8 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from prepare_shards import sha256_file
+
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FEATURE_KINDS = ("inception", "standin")
@@ -186,14 +188,6 @@ def inception_candidates() -> list[Path]:
     return [Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE, cache_root() / INCEPTION_FILE]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FeatureNet:
     """A feature network and its identity (the identity keys cached reference statistics)."""
 
@@ -238,4 +232,4 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
     except Exception as e:  # a pickle or state dict rather than a TorchScript archive
         raise MetricsError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
                            f" from {INCEPTION_URL}") from None
-    return FeatureNet(module, f"{file.name}:sha256={file_sha256(file)[:16]}", device)
+    return FeatureNet(module, f"{file.name}:sha256={sha256_file(file)[:16]}", device)
