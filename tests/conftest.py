@@ -5,12 +5,18 @@
                 --samples-per-shard 64 (several shards per split)
     shards64    Path: the same at --size 64
 Treat them as read-only: they are shared by all tests of the session.
+
+    one_thread  module-scoped: torch on one intra-op thread for the module, restored afterwards. Small tensors gain
+                nothing from more, a second thread idle-spinning on a shared 2-core CPU slows every op many times,
+                and CPU results are bit-identical only between runs with the same thread count (the subprocesses
+                the tests start run with OMP_NUM_THREADS=1). Use: `pytestmark = pytest.mark.usefixtures("one_thread")`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 CELEBA_COUNT = 203  # odd on purpose: the last shard of each split is partly filled
 SAMPLES_PER_SHARD = 64
@@ -41,3 +47,11 @@ def shards(celeba_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def shards64(celeba_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _shard(celeba_src, tmp_path_factory.mktemp("shards64") / "shards64", 64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

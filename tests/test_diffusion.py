@@ -11,14 +11,7 @@ from diffusion import GaussianDiffusion, cosine_alpha_bar, make_timesteps
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these small tensors gain nothing from more, and on a shared CPU the idle-spinning of a
-    second thread slows every op down many times. Restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # DDIM over 50 uniformly spaced steps (0, 20, ..., 980) is a first-order solver: on Gaussian data N(MU, S^2) with
 # S = 0.25 its samples come out 9.5% narrow (measured std / S: 0.9049, 0.9042, 0.8992 for seeds 0, 1, 2; the figure

@@ -41,14 +41,7 @@ def train_cmd(shards: Path, out: Path, loader: str = "dali", steps: int = 12, ck
             "--ckpt-every", str(ckpt_every), *extra]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread for the in-process runs too, as the subprocesses (OMP_NUM_THREADS=1) have: results on the CPU are
-    bit-identical only between runs with the same thread count. Module scope: set before `reference` runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def train_here(cmd: list[str]) -> Path | None:

@@ -10,14 +10,7 @@ from unet import PRESETS, UNet, build_unet, count_parameters, timestep_embedding
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these small tensors gain nothing from more, and on a shared CPU the idle-spinning of a
-    second thread slows every op down many times. Restored afterwards for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # Expected parameter counts (unconditional). celeba64 is DDIM's CelebA model, 78.7M in its paper's table; the exact
 # figures are pinned too so that any change in the architecture shows here.
