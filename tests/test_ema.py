@@ -19,6 +19,16 @@ def _perturb(model: nn.Module, scale: float = 0.1) -> None:
             p.add_(scale * torch.randn_like(p))
 
 
+def _trained(decay: float, updates: int) -> tuple[nn.Module, EMA]:
+    """A model and its EMA after `updates` rounds of perturbing the weights and updating the average."""
+    model = _model()
+    ema = EMA(model, decay=decay)
+    for _ in range(updates):
+        _perturb(model)
+        ema.update()
+    return model, ema
+
+
 def test_warmup_decay_matches_formula():
     model = _model()
     ema = EMA(model, decay=0.999, warmup=True)
@@ -49,11 +59,7 @@ def test_no_warmup_uses_plain_decay_and_still_counts():
 
 
 def test_average_parameters_restores_trained_weights_exactly():
-    model = _model()
-    ema = EMA(model, decay=0.99)
-    for _ in range(3):
-        _perturb(model)
-        ema.update()
+    model, ema = _trained(0.99, 3)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.average_parameters():
         inside = {k: v.clone() for k, v in model.state_dict().items()}
@@ -69,11 +75,7 @@ def test_average_parameters_restores_trained_weights_exactly():
 
 
 def test_state_dict_round_trips_through_weights_only_load():
-    model = _model()
-    ema = EMA(model, decay=0.995)
-    for _ in range(4):
-        _perturb(model)
-        ema.update()
+    model, ema = _trained(0.995, 4)
     buf = io.BytesIO()
     torch.save(ema.state_dict(), buf)
     buf.seek(0)
