@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import json
 import math
+import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
 import os
 import re
 import signal
@@ -456,16 +457,38 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _shutdown_workers(loader_ref: "weakref.ref[torch.utils.data.DataLoader]") -> None:
-    """Stop a DataLoader's persistent workers: PyTorch's orderly shutdown, then SIGKILL for any still alive."""
-    loader = loader_ref()
-    it = getattr(loader, "_iterator", None)
-    if it is None:
-        return
-    it._shutdown_workers()  # PyTorch's own (private) orderly shutdown, as its __del__ does
-    for w in getattr(it, "_workers", []):
+# Every DataLoader iterator this module started, and its worker processes. The iterator, not the DataLoader, owns
+# the workers, and it can outlive its DataLoader (a traceback that keeps the failed epoch's frames keeps it), so the
+# exit handler below tracks iterators and workers themselves.
+_ITERATORS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WORKERS: "weakref.WeakSet[multiprocessing.process.BaseProcess]" = weakref.WeakSet()
+
+
+def _stop_workers(it: Any) -> None:
+    """Stop one iterator's workers: PyTorch's orderly shutdown (as its __del__ does), then SIGKILL any still alive."""
+    try:
+        it._shutdown_workers()  # private, but the same call DataLoader makes when an iterator is dropped
+    finally:
+        for w in getattr(it, "_workers", []):
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Workers ignore SIGTERM, so multiprocessing's own exit handler (terminate, then join without a timeout) would
+    wait on a live one forever: stop them first. atexit runs the last-registered handler first, and multiprocessing
+    registered its handler when it was imported, above."""
+    for it in list(_ITERATORS):
+        try:
+            _stop_workers(it)
+        except Exception:  # exiting: a worker that fails to stop politely is killed below
+            pass
+    for w in list(_WORKERS):
         if w.is_alive():
             w.kill()
+            w.join(timeout=5)
 
 
 class _EpochPlan(torch.utils.data.Sampler):
@@ -496,9 +519,6 @@ class TorchLoader(Loader):
             sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_ignore_stop_signals)
-        # Workers ignore SIGTERM, so multiprocessing's own exit handler (which terminates, then joins) would wait on
-        # them forever: shut them down first. atexit runs handlers last-registered first, so this one runs before.
-        atexit.register(_shutdown_workers, weakref.ref(self._loader))
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's order of the rank's samples and each position's flip, from (seed, epoch, rank) alone."""
@@ -511,10 +531,16 @@ class TorchLoader(Loader):
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         batches = iter(self._loader)
+        if self._loader.num_workers:
+            _ITERATORS.add(batches)
+            _WORKERS.update(batches._workers)
         while True:
             try:
                 out = next(batches)
             except ShardReadError as e:  # from a worker: the message carries its traceback; keep the last line
+                if self._loader.num_workers:  # the epoch is lost: free the workers now, start afresh next epoch
+                    _stop_workers(batches)
+                    self._loader._iterator = None
                 last = str(e).strip().splitlines()[-1]
                 raise ShardReadError(last.split("ShardReadError: ", 1)[-1]) from None
             image = out["image"].to(self.device, non_blocking=True)

@@ -55,3 +55,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """If the interpreter then hangs on its way out (a child process or thread something forgot to stop), print every
+    thread's stack and exit 1 after EXIT_GRACE_S, rather than hold CI until its time limit with nothing to show."""
+    import faulthandler
+    import os
+    import sys
+
+    faulthandler.dump_traceback_later(float(os.environ.get("DDPM_TEST_EXIT_GRACE_S", 120)), exit=True,
+                                      file=sys.__stderr__)

@@ -311,6 +311,55 @@ def test_truncated_tar_met_while_reading(broken, backend, workers):
     one_line(e, tar)
 
 
+def test_read_error_frees_the_workers_and_a_retry_continues(broken):
+    """A failed epoch stops its DataLoader workers at once; once the tar is back, iterating again goes on from the
+    failed batch with fresh workers."""
+    import multiprocessing
+
+    ld = make_loader(broken, 16, backend="torch", device="cpu", shuffle=False, flip=False, num_threads=2)
+    tar = broken / "train-000001.tar"
+    good = tar.read_bytes()
+    before = set(multiprocessing.active_children())
+    seen = 0
+    with pytest.raises(ShardReadError, match="truncated"):
+        tar.write_bytes(good[:len(good) // 2])
+        for b in ld:
+            seen += len(b["image"])
+    assert 0 < seen < ld.num_samples
+    assert not set(multiprocessing.active_children()) - before, "workers of the failed epoch are still running"
+    tar.write_bytes(good)
+    assert seen + sum(len(b["image"]) for b in ld) == ld.num_samples
+
+
+def test_exit_stops_workers_that_outlive_their_loader(shards, tmp_path):
+    """Workers ignore SIGTERM (train.py checkpoints on it), so exit must stop them itself, even when their iterator
+    outlives the DataLoader, as it does when a traceback keeps a failed epoch's frames: multiprocessing's own exit
+    handler would otherwise wait on them forever."""
+    import subprocess
+
+    script = tmp_path / "keep_iterator.py"
+    script.write_text(f"""
+import gc, sys
+sys.path.insert(0, {str(Path(data.__file__).parent)!r})
+from data import make_loader
+import weakref
+ld = make_loader({str(shards)!r}, 16, backend="torch", device="cpu", num_threads=2)
+for _ in ld:  # a whole epoch: the iterator's sampler is done and no longer holds the loader
+    pass
+kept = ld._loader._iterator  # the iterator alone survives, as a traceback's frames would keep it
+loader = weakref.ref(ld._loader)
+del ld
+gc.collect()
+assert loader() is None and all(w.is_alive() for w in kept._workers)
+print("exiting", flush=True)
+""")
+    try:
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit waiting on its DataLoader workers")
+    assert out.returncode == 0 and "exiting" in out.stdout, out.stderr
+
+
 def test_without_dali(shards, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now fails as if not installed
     with pytest.raises(DaliMissingError, match="pip install nvidia-dali-cuda130") as e:
