@@ -1,4 +1,5 @@
-"""What every benchmark under bench/ records beside its numbers: the machine it ran on and the commit measured."""
+"""What every benchmark under bench/ shares: the fake CelebA it times on when given no data, and what it records
+beside its numbers: the machine it ran on and the commit measured."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,27 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Real CelebA: 202,599 aligned 178x218 JPEGs in about 1.4 GB, ~6.9 KB a file. fake_celeba's drawings compress better
+# than photographs (5.2 KB at its default quality 90); at quality 95 their mean comes to CelebA's, ~6.9 KB. Decoding
+# those raw JPEGs is most of the cost of reading CelebA, and it follows the compressed size, so the benches draw
+# their fake CelebA at this quality.
+CELEBA_MEAN_JPEG_BYTES = 1.4e9 / 202_599
+FAKE_QUALITY = 95
+
+
+def fake_celeba(out: Path, count: int) -> Path:
+    """A fake CelebA of `count` images whose raw JPEGs have real CelebA's mean size (see FAKE_QUALITY)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from fake_celeba import make_fake_celeba
+
+    return make_fake_celeba(out, count, seed=0, quality=FAKE_QUALITY, progress=True)
+
+
+def mean_file_bytes(paths: list[Path]) -> float:
+    return sum(p.stat().st_size for p in paths) / max(1, len(paths))
 
 
 def machine(**extra) -> dict:

@@ -2,8 +2,8 @@
 
     python bench/loader.py [--count 5000] [--batch-size 256] [--json PATH] [--src RAW --shards SHARDS]
 
-Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py) and shards it at --size
-(prepare_shards.py) in a temporary folder. Contenders, each over whole epochs (at least --epochs, and at least
+Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py, at the JPEG quality that gives
+real CelebA's mean file size: bench/common.py) and shards it at --size (prepare_shards.py) in a temporary folder. Contenders, each over whole epochs (at least --epochs, and at least
 --min-seconds) after an untimed warm-up epoch, in rounds that alternate them (a busy neighbour slows all alike;
 the best round counts):
   seed-baseline  what the seed scripts do every epoch: a PIL Dataset over the raw 178x218 JPEGs (open, CelebA's
@@ -203,15 +203,17 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.src:
             src, shards = Path(cfg.src), Path(cfg.shards)
         else:
-            from fake_celeba import make_fake_celeba
             from prepare_shards import PrepareConfig, prepare
 
             t0 = time.perf_counter()
-            src = make_fake_celeba(Path(tmp) / "celeba", cfg.count, seed=0, progress=True)
+            src = common.fake_celeba(Path(tmp) / "celeba", cfg.count)
             shards = Path(tmp) / "shards"
             prepare(PrepareConfig(src=str(src), out=str(shards), size=cfg.size, split="all"))
             console.print(f"fake CelebA of {cfg.count} images and its shards in {time.perf_counter() - t0:.1f} s")
         paths = raw_images(src)
+        raw_bytes = common.mean_file_bytes(paths)
+        console.print(f"raw JPEGs: {len(paths):,}, {raw_bytes / 1e3:.1f} KB on average "
+                      f"(real CelebA: {common.CELEBA_MEAN_JPEG_BYTES / 1e3:.1f} KB)")
         manifest = data.read_manifest(shards)
         shard_size, shard_samples = manifest["size"], manifest["splits"][cfg.split]["count"]
         if shard_size != cfg.size:
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         r["x_seed_baseline"] = round(r["images_per_s"] / base, 2)
     report = {"results": results, "machine": info, "commit": commit(), "config": dataclasses.asdict(cfg),
-              "raw_images": len(paths), "shard_samples": shard_samples}
+              "raw_images": len(paths), "raw_mean_bytes": round(raw_bytes), "shard_samples": shard_samples}
 
     table = Table(title=f"data loaders, batch {cfg.batch_size}, {cfg.size} px, {info['cores']} cores ({info['cpu']})"
                         + (f", {info['gpu']}" if info["gpu"] else ", no GPU"))
@@ -265,14 +267,10 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(table)
     print(json.dumps(report))
     if cfg.json:
-        path = Path(cfg.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_name(path.name + ".tmp")
-        with open(tmp_path, "w") as f:
-            f.write(json.dumps(report, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+        from prepare_shards import write_atomic
+
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(cfg.json), (json.dumps(report, indent=1) + "\n").encode())
     return report
 
 

@@ -31,7 +31,6 @@ from rich.table import Table  # noqa: E402
 
 from bench import common  # noqa: E402
 import prepare_shards  # noqa: E402
-from fake_celeba import make_fake_celeba  # noqa: E402
 
 console = Console()
 
@@ -82,9 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_shards_") as tmp:
         # A fake CelebA of the requested size, drawn once.
         t0 = time.perf_counter()
-        src = make_fake_celeba(Path(tmp) / "celeba", cfg.count, seed=0)
-        console.print(f"fake CelebA: {cfg.count} images in {time.perf_counter() - t0:.1f} s")
+        src = common.fake_celeba(Path(tmp) / "celeba", cfg.count)
         paths = sorted((src / "img_align_celeba").glob("*.jpg"))
+        raw_bytes = common.mean_file_bytes(paths)
+        console.print(f"fake CelebA: {cfg.count} images, {raw_bytes / 1e3:.1f} KB on average (real CelebA: "
+                      f"{common.CELEBA_MEAN_JPEG_BYTES / 1e3:.1f} KB), in {time.perf_counter() - t0:.1f} s")
 
         # Alternate the contenders so that a busy neighbour slows both alike.
         naive_s, ours_s = [], []
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
          "images": cfg.count, "seconds": round(min(ours_s), 3), "images_per_s": round(cfg.count / min(ours_s), 1)},
     ]
     report = {"results": results, "ratio": round(results[1]["images_per_s"] / results[0]["images_per_s"], 2),
-              "size": cfg.size, "machine": info, "commit": commit(),
+              "size": cfg.size, "raw_mean_bytes": round(raw_bytes), "machine": info, "commit": commit(),
               "runs_seconds": {"naive": [round(s, 3) for s in naive_s], "ours": [round(s, 3) for s in ours_s]}}
 
     table = Table(title=f"{cfg.count} CelebA-sized JPEGs -> {cfg.size}x{cfg.size}, {info['cores']} cores "
