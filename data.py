@@ -32,7 +32,7 @@ import signal
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -471,10 +471,14 @@ def _stop_workers(it: Any) -> None:
     try:
         it._shutdown_workers()  # private, but the same call DataLoader makes when an iterator is dropped
     finally:
-        for w in getattr(it, "_workers", []):
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
+        _kill(getattr(it, "_workers", []))
+
+
+def _kill(workers: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
 
 
 @atexit.register
@@ -487,10 +491,7 @@ def _stop_workers_at_exit() -> None:
             _stop_workers(it)
         except Exception:  # exiting: a worker that fails to stop politely is killed below
             pass
-    for w in list(_WORKERS):
-        if w.is_alive():
-            w.kill()
-            w.join(timeout=5)
+    _kill(list(_WORKERS))
 
 
 class _EpochPlan(torch.utils.data.Sampler):
