@@ -57,7 +57,7 @@ class BenchConfig:
     size: int = 64  # image side: the shards' --size and the baseline's resize
     epochs: int = 2  # timed whole epochs per contender and round (after one untimed warm-up epoch)
     min_seconds: float = 2.0  # ... and more whole epochs until this long (short runs are noisy on a shared machine)
-    rounds: int = 3  # rounds over all contenders, alternating; the best round of each counts
+    rounds: int = 5  # rounds over all contenders, alternating; the best round of each counts
     workers: int = 0  # DataLoader workers of seed-baseline and torch; 0 = all cores
     threads: int = 0  # DALI CPU threads; 0 = data.py's default (all cores on the CPU, up to 4 with a GPU)
     split: str = "train"  # split of the shards to read
