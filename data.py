@@ -252,11 +252,12 @@ class DaliLoader(Loader):
         threads = self.num_threads or (min(4, os.cpu_count() or 1) if gpu else (os.cpu_count() or 1))
         S = self.image_size
         # The seed covers the reader's shuffle buffer and the coin flips; ranks differ so their flips differ.
-        # exec_dynamic: DALI's newer executor hands its output buffers to torch through DLPack instead of the
+        # On the CPU, DALI's dynamic executor hands its output buffers to torch through DLPack instead of the
         # iterator copying every batch into a new tensor (batches stay valid however long the caller keeps them).
+        # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one has not run on a GPU here.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=threads, device_id=self.device.index if gpu else None,
                         seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=prefetch,
-                        enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=True)
+                        enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=not gpu)
         with pipe:
             exts = [self.format] + (["attr"] if self.attributes else [])
             outs = fn.readers.webdataset(
