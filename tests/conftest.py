@@ -60,7 +60,8 @@ def one_thread():
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """If the interpreter then hangs on its way out (a child process or thread something forgot to stop), print every
-    thread's stack and exit 1 after EXIT_GRACE_S, rather than hold CI until its time limit with nothing to show."""
+    thread's stack and exit 1 after $DDPM_TEST_EXIT_GRACE_S seconds (120), rather than hold CI until its time limit
+    with nothing to show."""
     import faulthandler
     import os
     import sys
