@@ -3,9 +3,9 @@
     python bench/loader.py [--count 5000] [--batch-size 256] [--json PATH] [--src RAW --shards SHARDS]
 
 Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py, at the JPEG quality that gives
-real CelebA's mean file size: bench/common.py) and shards it at --size (prepare_shards.py) in a temporary folder. Contenders, each over whole epochs (at least --epochs, and at least
---min-seconds) after an untimed warm-up epoch, in rounds that alternate them (a busy neighbour slows all alike;
-the best round counts):
+real CelebA's mean file size: bench/common.py) and shards it at --size (prepare_shards.py) in a temporary folder.
+Contenders, each over whole epochs (at least --epochs, and at least --min-seconds) after an untimed warm-up epoch,
+in rounds that alternate them (a busy neighbour slows all alike; the best round counts):
   seed-baseline  what the seed scripts do every epoch: a PIL Dataset over the raw 178x218 JPEGs (open, CelebA's
                  128x128 box at (89, 121), resize to --size, random flip, to a [-1, 1] tensor),
                  DataLoader(num_workers=cores, shuffle=True)
