@@ -19,10 +19,7 @@ FAKE_QUALITY = 95
 
 def fake_celeba(out: Path, count: int) -> Path:
     """A fake CelebA of `count` images whose raw JPEGs have real CelebA's mean size (see FAKE_QUALITY)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    from fake_celeba import make_fake_celeba
+    from fake_celeba import make_fake_celeba  # the bench scripts put the repository on sys.path
 
     return make_fake_celeba(out, count, seed=0, quality=FAKE_QUALITY, progress=True)
 

@@ -267,10 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(table)
     print(json.dumps(report))
     if cfg.json:
-        from prepare_shards import write_atomic
+        from utills import atomic_write_bytes  # makes the folder; no temp file left on failure
 
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(cfg.json), (json.dumps(report, indent=1) + "\n").encode())
+        atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), cfg.json)
     return report
 
 
