@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -358,6 +359,29 @@ print("exiting", flush=True)
     except subprocess.TimeoutExpired:
         pytest.fail("the process hung at exit waiting on its DataLoader workers")
     assert out.returncode == 0 and "exiting" in out.stdout, out.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc tuning is glibc's mallopt")
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_a_cpu_dali_loader_keeps_batch_memory_mapped(shards, tmp_path, setting):
+    """Building a CPU DALI loader tunes glibc once per process (in a subprocess: the setting is process-wide), unless
+    DDPM_MALLOC_TUNING=0."""
+    import os
+    import subprocess
+
+    script = tmp_path / "tuned.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(data.__file__).parent)!r})
+import data
+assert data._malloc_tuned is None  # importing data.py changes nothing
+ld = data.make_loader({str(shards)!r}, 16, backend="dali", device="cpu")
+print(data._malloc_tuned, data.keep_batch_memory_mapped())
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DDPM_MALLOC_TUNING": setting})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["True", "True"] if setting == "1" else ["False", "False"])
 
 
 def test_without_dali(shards, monkeypatch):
