@@ -6,9 +6,10 @@ Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py,
 real CelebA's mean file size: bench/common.py) and shards it at --size (prepare_shards.py) in a temporary folder.
 Contenders, each over whole epochs (at least --epochs, and at least --min-seconds) after an untimed warm-up epoch,
 in rounds that alternate them (a busy neighbour slows all alike; the best round counts):
-  seed-baseline  what the seed scripts do every epoch: a PIL Dataset over the raw 178x218 JPEGs (open, CelebA's
-                 128x128 box at (89, 121), resize to --size, random flip, to a [-1, 1] tensor),
-                 DataLoader(num_workers=cores, shuffle=True)
+  seed-baseline  what the seeds do every epoch: a PIL Dataset over the raw 178x218 JPEGs (open, CelebA's 128x128
+                 box at (89, 121), resize to --size, random flip, then torchvision's ToTensor and Normalize(0.5, 0.5)
+                 as the seed notebook chains them), DataLoader(num_workers=cores, shuffle=True) with the seed's
+                 persistent workers (and pinned memory when CUDA is present)
   torch          make_loader(backend="torch") over the shards
   dali-cpu       make_loader(backend="dali", device="cpu")
   dali-gpu       make_loader(backend="dali", device="cuda"), when CUDA is present; there also the rate of a small
@@ -68,7 +69,14 @@ class BenchConfig:
 
 
 class SeedBaseline(torch.utils.data.Dataset):
-    """The seeds' loader: every epoch decodes the full JPEG, crops, resizes and flips. Returns [3, S, S] in [-1, 1]."""
+    """The seeds' loader: every epoch decodes the full JPEG, crops, resizes and flips. Returns [3, S, S] in [-1, 1].
+
+    The tensor steps are torchvision's, written out (there is no CPU build of torchvision here): the seed notebook
+    (ddpm_test.ipynb of the original DDPM-from-scratch code) chains ToTensor() and Normalize((0.5,)*3, (0.5,)*3).
+    """
+
+    MEAN = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
+    STD = torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
 
     def __init__(self, paths: list[Path], size: int):
         self.paths, self.size = paths, size
@@ -77,11 +85,16 @@ class SeedBaseline(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        img = Image.open(self.paths[i]).convert("RGB").crop(CELEBA_BOX)
-        img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        with open(self.paths[i], "rb") as f:  # torchvision's pil_loader
+            img = Image.open(f).convert("RGB")
+        img = img.crop(CELEBA_BOX).resize((self.size, self.size), Image.Resampling.BILINEAR)
         if random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div_(127.5).sub_(1)
+        # ToTensor: HWC uint8 -> CHW float in [0, 1]
+        x = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(img.size[1], img.size[0], 3)
+        x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+        # Normalize (not in place: torchvision clones first)
+        return x.clone().sub_(self.MEAN).div_(self.STD)
 
 
 def cpu_seconds() -> float:
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         contenders: dict[str, Callable[[], Iterable]] = {
             "seed-baseline": lambda: torch.utils.data.DataLoader(
-                SeedBaseline(paths, cfg.size), batch_size=cfg.batch_size, shuffle=True, num_workers=workers),
+                SeedBaseline(paths, cfg.size), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0),
             "torch": loader("torch", "cpu", workers),
         }
         if info["dali"] is None:
