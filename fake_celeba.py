@@ -519,6 +519,7 @@ def split_counts(count: int) -> tuple[int, int, int]:
 
 
 def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    # atomic.atomic_write's steps, kept here so that fake_celeba.py stays one file needing only PIL and numpy.
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)

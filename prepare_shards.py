@@ -55,6 +55,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+from atomic import atomic_write, fsync_dir
+
 MANIFEST_VERSION = 1
 SPLITS = ("train", "valid", "test")
 PARTITIONS = {"0": "train", "1": "valid", "2": "test"}  # list_eval_partition's values
@@ -508,23 +510,9 @@ def make_plan(source: Source, cfg: PrepareConfig) -> Plan:
 # Writing: deterministic tars, their DALI index, atomic renames.
 # --------------------------------------------------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path through a temp file in the same folder, fsync'd, then os.replace."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write data to path atomically under the temp name "NAME.tmp" that OWN_FILE recognises after a kill."""
+    atomic_write(path, data, tmp=path.with_name(path.name + ".tmp"))
 
 
 class ShardWriter:
@@ -831,7 +819,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         write_atomic(out / MANIFEST, data)
     if (out / PARTIAL).exists():
         (out / PARTIAL).unlink()
-        _fsync_dir(out)
+        fsync_dir(out)
 
     # The summary.
     seconds = time.perf_counter() - start

@@ -13,10 +13,12 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from atomic import atomic_write
 
 # Keys every consumer (train.py resume, sample.py, evaluate.py) reads.
 REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_config")
@@ -33,47 +35,20 @@ class CheckpointWarning(UserWarning):
     """A newer checkpoint was skipped because it did not verify."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], pause: bool = False) -> Path:
-    """Call write(file) on a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
-    readers see either the old file or the complete new one, never a part; a failure leaves no temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if pause and float(os.environ.get(PAUSE_ENV, "0") or 0) > 0:  # test hook: a kill during the write
-            time.sleep(float(os.environ[PAUSE_ENV]))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+def _pause_before_rename() -> None:
+    """Test hook: a kill while a checkpoint is being written (see PAUSE_ENV)."""
+    if float(os.environ.get(PAUSE_ENV, "0") or 0) > 0:
+        time.sleep(float(os.environ[PAUSE_ENV]))
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (see _atomic_write)."""
-    return _atomic_write(path, lambda f: torch.save(obj, f), pause=True)
+    """torch.save `obj` to `path` atomically (atomic.atomic_write: temp file, fsync, rename, fsync the folder)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), before_replace=_pause_before_rename)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` atomically (see _atomic_write)."""
-    return _atomic_write(path, lambda f: f.write(data))
+    """Write `data` to `path` atomically (atomic.atomic_write); makes the folder, leaves no temp file on failure."""
+    return atomic_write(path, data)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

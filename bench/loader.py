@@ -44,6 +44,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
 import data  # noqa: E402
 
@@ -281,9 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(table)
     print(json.dumps(report))
     if cfg.json:
-        from utills import atomic_write_bytes  # makes the folder; no temp file left on failure
-
-        atomic_write_bytes((json.dumps(report, indent=1) + "\n").encode(), cfg.json)
+        atomic_write(cfg.json, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder
     return report
 
 

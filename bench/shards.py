@@ -31,6 +31,7 @@ from rich.table import Table  # noqa: E402
 
 from bench import common  # noqa: E402
 import prepare_shards  # noqa: E402
+from atomic import atomic_write  # noqa: E402
 
 console = Console()
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     if cfg.json:
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        prepare_shards.write_atomic(Path(cfg.json), (json.dumps(report, indent=1) + "\n").encode())
+        atomic_write(cfg.json, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder
     return report
 
 
