@@ -116,7 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(report)
     print(text)
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cfg.json, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder
     return report
 
