@@ -259,11 +259,9 @@ def keep_batch_memory_mapped() -> bool:
     if _malloc_tuned is None:
         _malloc_tuned = False
         if os.environ.get("DDPM_MALLOC_TUNING", "1") != "0" and platform.libc_ver()[0] == "glibc":
-            try:
-                mallopt = ctypes.CDLL(None).mallopt
-            except (OSError, AttributeError):
-                return False
-            _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TOP_PAD, 64 << 20))
+            mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+            _malloc_tuned = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) \
+                and bool(mallopt(_M_TOP_PAD, 64 << 20))
     return _malloc_tuned
 
 
