@@ -7,11 +7,13 @@ code, and "valid" means: it loads, has the keys every reader needs, and the weig
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,83 @@ REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_co
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
 # Test hook: seconds to sleep after the temporary file is durable and before the rename, so a test can kill mid-write.
 PAUSE_ENV = "DDPM_TEST_PAUSE_BEFORE_RENAME"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of a run folder, named once: what train.py writes and sample.py, evaluate.py and pictures.py read."""
+    root: Path
+
+    @property
+    def config(self) -> Path:  # the TrainConfig of the latest start, as JSON
+        return self.root / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:  # step-NNNNNNNN.pt
+        return self.root / "checkpoints"
+
+    @property
+    def samples(self) -> Path:  # the fixed-noise EMA grids, step-NNNNNNNN.png
+        return self.root / "samples"
+
+    @property
+    def metrics(self) -> Path:  # one JSON record per log interval
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def eval(self) -> Path:  # evaluate.py's generated images, one folder per checkpoint and sampler setting
+        return self.root / "eval"
+
+    @property
+    def eval_json(self) -> Path:  # evaluate.py's latest result (each result is also appended to eval.jsonl)
+        return self.root / "eval.json"
+
+    @property
+    def progress_gif(self) -> Path:
+        return self.root / "progress.gif"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:08d}.pt"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples / f"step-{step:08d}.png"
+
+
+def run_paths(run_dir: str | os.PathLike) -> RunPaths:
+    """The paths of the run folder `run_dir`."""
+    return RunPaths(Path(run_dir))
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """RUN/metrics.jsonl -> records sorted by step; a resumed run's repeated steps keep their last record, and a line
+    cut short by a kill (or any line that is not a record with a step) is skipped. A missing file reads as []."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+        except (ValueError, TypeError, KeyError):
+            continue
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Drop metrics.jsonl records after `step`, written by a run that was killed after its last checkpoint."""
+    path = Path(path)
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r["step"] <= step]
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 class CheckpointError(RuntimeError):
@@ -53,13 +132,13 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     """Where the checkpoint of `step` lives."""
-    return Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+    return run_paths(run_dir).checkpoint(step)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, oldest (lowest step) first; `run_dir` may also be the checkpoints folder itself."""
     run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints"
+    folder = run_paths(run_dir).checkpoints
     if not folder.is_dir():
         folder = run_dir
     if not folder.is_dir():
