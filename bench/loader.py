@@ -20,7 +20,6 @@ Prints a table and writes {"results": [{"name", "images_per_s", "cpu_s_per_1k", 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -32,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+import config  # noqa: E402
 from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
 import data  # noqa: E402
@@ -67,6 +67,9 @@ class BenchConfig:
     shards: str = ""  # prepare_shards.py output of --src at --size (give both, or neither)
     train_step: bool = True  # with CUDA: also time a small UNet training step fed by dali-gpu
     json: str = ""  # also write the JSON report to this path
+
+    BOUNDS: ClassVar[dict[str, str]] = {"count": ">= 1", "batch_size": ">= 1", "size": "16..256", "epochs": ">= 1",
+                                        "min_seconds": ">= 0", "rounds": ">= 1", "workers": ">= 0", "threads": ">= 0"}
 
 
 class SeedBaseline(torch.utils.data.Dataset):
@@ -197,14 +200,10 @@ def raw_images(src: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        if f.type == "bool":
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=f.default)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg, _ = config.parse(BenchConfig, argv, config_file=False)
+    except config.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     if bool(cfg.src) != bool(cfg.shards):
         raise SystemExit("error: give both --src (raw JPEGs) and --shards (their prepare_shards output), or neither")
     console.print(f"[bold]bench/loader[/] {dataclasses.asdict(cfg)}")

@@ -10,7 +10,6 @@ JSON line {"results": [{"name", "images_per_s", ...}], "ratio": ours / naive, "m
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -20,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+import config  # noqa: E402
 from bench import common  # noqa: E402
 import prepare_shards  # noqa: E402
 from atomic import atomic_write  # noqa: E402
@@ -43,6 +44,8 @@ class BenchConfig:
     workers: int = 0  # prepare_shards processes; 0 = all cores
     repeat: int = 2  # runs of each contender, alternating; the best counts
     json: str = ""  # also write the JSON result to this path
+
+    BOUNDS: ClassVar[dict[str, str]] = {"count": ">= 1", "size": "16..256", "workers": ">= 0", "repeat": ">= 1"}
 
 
 def naive_loop(paths: list[Path], size: int) -> float:
@@ -71,10 +74,10 @@ def commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg, _ = config.parse(BenchConfig, argv, config_file=False)
+    except config.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     console.print(f"[bold]bench/shards[/] {dataclasses.asdict(cfg)}")
     info = machine()
     workers = cfg.workers or info["cores"]
