@@ -7,7 +7,6 @@ the README. On a machine with CUDA the training run is longer and larger; on a C
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import signal
 import subprocess
@@ -15,8 +14,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rich.console import Console
+
+import config
+from config import ConfigError
 
 console = Console()
 
@@ -32,12 +35,9 @@ class DemoConfig:
     interrupt_after: float = 0.0  # seconds before the first run gets SIGTERM; 0 picks ~40% of the expected time
     device: str = "auto"  # auto | cuda | cpu
 
-
-def parse_args(argv: list[str] | None = None) -> DemoConfig:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(DemoConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return DemoConfig(**vars(p.parse_args(argv)))
+    CHOICES: ClassVar[dict[str, tuple]] = {"device": ("auto", "cuda", "cpu")}
+    BOUNDS: ClassVar[dict[str, str]] = {"count": ">= 1", "size": ">= 0", "steps": ">= 0", "batch_size": ">= 0",
+                                        "interrupt_after": ">= 0"}
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -103,4 +103,8 @@ def main(cfg: DemoConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        cfg, _ = config.parse(DemoConfig, config_file=False)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    main(cfg)

@@ -31,7 +31,6 @@ in manifest.partial.json. Tar headers carry no time, owner or mode of the source
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import gc
@@ -46,7 +45,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 from PIL import Image
@@ -55,7 +54,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
+import config
 from atomic import atomic_write, fsync_dir
+from config import ConfigError
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -89,6 +90,12 @@ class PrepareConfig:
     seed: int = 0  # seed of the per-split shuffle done before sharding
     max_bad_fraction: float = 0.01  # exit non-zero (after writing the manifest) when more inputs than this are bad
     overwrite: bool = False  # allow an OUT holding another dataset or foreign files; only our own files are replaced
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("src", "out")
+    CHOICES: ClassVar[dict[str, tuple]] = {"crop": ("celeba", "center"), "format": ("jpg", "png"),
+                                           "split": ("all",) + SPLITS}
+    BOUNDS: ClassVar[dict[str, str]] = {"size": "16..256", "quality": "1..100", "samples_per_shard": ">= 1",
+                                        "workers": ">= 0", "seed": ">= 0", "max_bad_fraction": "0..1"}
 
 
 class PrepareError(ValueError):
@@ -658,22 +665,11 @@ class _RateColumn(ProgressColumn):
 
 
 def check_config(cfg: PrepareConfig) -> None:
-    """Raise PrepareError naming the first argument out of range."""
-    checks = [
-        (bool(cfg.src), "--src is required"),
-        (bool(cfg.out), "--out is required"),
-        (16 <= cfg.size <= 256, f"--size must be in 16..256, got {cfg.size}"),
-        (cfg.crop in ("celeba", "center"), f"--crop must be celeba or center, got {cfg.crop!r}"),
-        (cfg.format in ("jpg", "png"), f"--format must be jpg or png, got {cfg.format!r}"),
-        (1 <= cfg.quality <= 100, f"--quality must be in 1..100, got {cfg.quality}"),
-        (cfg.samples_per_shard >= 1, f"--samples-per-shard must be >= 1, got {cfg.samples_per_shard}"),
-        (cfg.split in ("all",) + SPLITS, f"--split must be all, train, valid or test, got {cfg.split!r}"),
-        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-        (0.0 <= cfg.max_bad_fraction <= 1.0, f"--max-bad-fraction must be in 0..1, got {cfg.max_bad_fraction}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise PrepareError(message)
+    """Raise PrepareError naming the first argument out of range (PrepareConfig's ClassVars, for callers of prepare)."""
+    try:
+        config.check(cfg)
+    except ConfigError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _cpu_count() -> int:
@@ -850,34 +846,11 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
-def _field_help() -> dict[str, str]:
-    """Each config field's one-line comment, for --help."""
-    import inspect
-
-    src = inspect.getsource(PrepareConfig)
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
-
-
-def parse_args(argv: list[str] | None = None) -> PrepareConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _field_help()
-    choices = {"crop": ("celeba", "center"), "format": ("jpg", "png"), "split": ("all",) + SPLITS}
-    for f in dataclasses.fields(PrepareConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=helps.get(f.name))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=helps.get(f.name),
-                                required=f.name in ("src", "out"), choices=choices.get(f.name))
-    return PrepareConfig(**vars(parser.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
     try:
+        cfg, _ = config.parse(PrepareConfig, argv)
         return prepare(cfg)
-    except (PrepareError, TooManyBadInputs) as e:
+    except (ConfigError, PrepareError, TooManyBadInputs) as e:
         raise SystemExit(f"error: {e}") from None
 
 
