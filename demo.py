@@ -91,10 +91,10 @@ def main(cfg: DemoConfig) -> None:
 
     # Pictures: the forward process on a few faces, a sample grid, a trajectory strip, the progress GIF, the loss.
     grid, traj, noising = out / "grid.png", out / "trajectory.png", out / "noising.png"
-    run([py, "sample.py", "--noising", str(shards), "--out", str(noising)])
+    run([py, "pictures.py", "--noising", str(shards), "--out", str(noising)])
     run([py, "sample.py", "--ckpt", str(run_dir), "--n", "64", "--steps", "50", "--device", device,
          "--out", str(grid), "--trajectory", str(traj)])
-    run([py, "sample.py", "--progress-gif", str(run_dir)])
+    run([py, "pictures.py", "--progress-gif", str(run_dir)])
 
     console.print("\n[bold green]demo done.[/] Pictures:")
     for p in [noising, grid, traj, run_dir / "progress.gif", run_dir / "loss.png", run_dir / "samples"]:

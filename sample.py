@@ -1,10 +1,10 @@
-"""Faces out of a run: sample grids and image folders, a noise-to-face strip, the progress GIF and loss curve, export.
+"""Faces out of a run: sample grids and image folders, a noise-to-face strip, export.
 
     python sample.py --ckpt RUN --n 64 --out grid.png              # DDIM-50 grid from the EMA weights
     python sample.py --ckpt RUN --n 50000 --outdir samples/        # 000000.png, 000001.png ... resumable (for FID)
     python sample.py --ckpt RUN --trajectory traj.png              # noise -> face: predicted x0 at several steps
     python sample.py --ckpt RUN --attrs "Smiling=1,Eyeglasses=1" --guidance 3 --out smiling.png
-    python sample.py --progress-gif RUN                            # RUN/progress.gif and RUN/loss.png
+    python pictures.py --progress-gif RUN                          # progress GIF and loss curve: now in pictures.py
     python sample.py --ckpt RUN --export model.safetensors         # EMA weights + configs in the metadata
 
 `--ckpt` is a run folder (its newest valid checkpoint), a checkpoint file, or a safetensors file written by --export.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -77,9 +77,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (1 = plain conditional)
     trajectory: str = ""  # PNG strip: a few samples from noise to face (predicted x0 at several steps)
     trajectory_rows: int = 4  # samples in the --trajectory strip
-    progress_gif: str = ""  # RUN folder: RUN/samples/*.png -> RUN/progress.gif, RUN/metrics.jsonl -> RUN/loss.png
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
-    noising: str = ""  # SHARDS folder: a strip of a few of its faces under the forward process q(x_t | x_0) -> --out
 
 
 class SampleError(ValueError):
@@ -104,8 +102,6 @@ def check_config(cfg: SampleConfig) -> None:
         raise SampleError(f"--eta must be in [0, 1], got {cfg.eta}")
     if cfg.variance not in ("fixed_small", "fixed_large"):
         raise SampleError(f"--variance must be fixed_small or fixed_large, got {cfg.variance!r}")
-    if cfg.noising and cfg.ckpt:
-        raise SampleError("--noising SHARDS draws the forward process only: give it with --out, without --ckpt")
 
 
 def pick_device(name: str) -> torch.device:
@@ -408,151 +404,15 @@ def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike)
     return save_grid(strip, path, nrow=len(columns), padding=2)
 
 
-NOISING_STEPS = (0, 50, 100, 200, 300, 400, 600, 999)
-
-
-def noising_strip(shards: str | os.PathLike, path: str | os.PathLike, rows: int = 4, seed: int = 0,
-                  timesteps: tuple[int, ...] = NOISING_STEPS) -> Path:
-    """A [rows x len(timesteps)] picture of x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps for the first faces of the
-    shards' train split, with DDPM's linear schedule (T = 1000) and one fixed eps per face."""
-    from data import make_loader
-
-    loader = make_loader(shards, rows, backend="torch", device="cpu", shuffle=False, flip=False, num_threads=0)
-    x0 = next(iter(loader))["image"]
-    diffusion = GaussianDiffusion(timesteps=1000, schedule="linear", objective="eps")
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    columns = [diffusion.q_sample(x0, torch.full((len(x0),), t), eps).clamp(-1, 1) for t in timesteps]
-    strip = torch.stack(columns, dim=1).reshape(len(x0) * len(columns), *x0.shape[1:])  # one row per face
-    return save_grid(strip, path, nrow=len(columns), padding=2)
-
-
-# ------------------------------------------------------------------------------------------------ pictures of a run
-
-def _step_of(path: Path) -> int:
-    m = re.search(r"(\d+)", path.stem)
-    return int(m.group(1)) if m else -1
-
-
-def progress_gif(run: str | os.PathLike, frame_ms: int = 400, last_ms: int = 2000) -> Path:
-    """RUN/samples/*.png (the fixed-noise grids, in step order) -> RUN/progress.gif with a "step N" label per frame."""
-    run = Path(run)
-    frames_paths = sorted((run / "samples").glob("*.png"), key=lambda p: (_step_of(p), p.name))
-    if not frames_paths:
-        raise FileNotFoundError(f"{run / 'samples'}: no sample grids (*.png) to make a GIF from")
-    font = ImageFont.load_default()
-    frames = []
-    for p in frames_paths:
-        with Image.open(p) as im:
-            grid = im.convert("RGB")
-        band = 16
-        frame = Image.new("RGB", (grid.width, grid.height + band), (0, 0, 0))
-        frame.paste(grid, (0, band))
-        step = _step_of(p)
-        ImageDraw.Draw(frame).text((3, 2), f"step {step}" if step >= 0 else p.stem, fill=(255, 255, 255), font=font)
-        frames.append(frame)
-    buf = io.BytesIO()
-    durations = [frame_ms] * (len(frames) - 1) + [last_ms]
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return atomic_write_bytes(buf.getvalue(), run / "progress.gif")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """RUN/metrics.jsonl -> records sorted by step; a resumed run's repeated steps keep their last record, and a
-    line cut short by a kill is skipped."""
-    by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            by_step[int(rec["step"])] = rec
-    return [by_step[k] for k in sorted(by_step)]
-
-
-def smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
-    """TensorBoard-style debiased exponential moving average; by default over ~1/10 of the curve (at most ~100)."""
-    if weight is None:
-        weight = float(np.clip(1 - 10 / max(len(values), 1), 0.0, 0.99))
-    out, avg = np.empty_like(values, dtype=np.float64), 0.0
-    for i, v in enumerate(values):
-        avg = weight * avg + (1 - weight) * float(v)
-        out[i] = avg / (1 - weight ** (i + 1))
-    return out
-
-
-def loss_plot(run: str | os.PathLike) -> Path:
-    """RUN/metrics.jsonl -> RUN/loss.png: raw and smoothed loss on a log scale, and the learning rate below."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run = Path(run)
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such metrics file")
-    recs = [r for r in read_metrics(path) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
-    if not recs:
-        raise SampleError(f"{path}: no records with a finite loss")
-    steps = np.array([r["step"] for r in recs])
-    loss = np.array([r["loss"] for r in recs], dtype=np.float64)
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
-    ax1.plot(steps, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
-    ax1.plot(steps, smooth(loss), color="tab:blue", lw=1.8, label="smoothed")
-    if (loss > 0).all():
-        ax1.set_yscale("log")
-    ax1.set_ylabel("loss")
-    ax1.legend(loc="upper right")
-    ax1.grid(alpha=0.3, which="both")
-    lr = [(r["step"], r["lr"]) for r in recs if isinstance(r.get("lr"), (int, float))]
-    if lr:
-        ax2.plot([s for s, _ in lr], [v for _, v in lr], color="tab:orange")
-    ax2.set_ylabel("lr")
-    ax2.set_xlabel("step")
-    ax2.grid(alpha=0.3)
-    ax1.set_title(f"{run.name}: training loss")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(buf.getvalue(), run / "loss.png")
-
-
-def run_pictures(run: str | os.PathLike) -> list[Path]:
-    """--progress-gif: the GIF and the loss curve, whichever the run has the inputs for (at least one)."""
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder")
-    made, problems = [], []
-    for make in (progress_gif, loss_plot):
-        try:
-            made.append(make(run))
-        except (FileNotFoundError, SampleError) as e:
-            problems.append(str(e))
-    if not made:
-        raise SampleError(f"{run}: nothing to draw ({'; '.join(problems)})")
-    for p in problems:
-        console.print(f"[yellow]warning:[/] {p}")
-    return made
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 def main(cfg: SampleConfig) -> list[Path]:
     """Do what cfg asks; returns the files written."""
     check_config(cfg)
     wrote: list[Path] = []
-    if cfg.progress_gif:
-        wrote += run_pictures(cfg.progress_gif)
-    if cfg.noising:
-        wrote.append(noising_strip(cfg.noising, cfg.out or "noising.png", seed=cfg.seed))
     if not cfg.ckpt:
-        if not (cfg.progress_gif or cfg.noising):
-            raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
-        for p in wrote:
-            console.print(f"wrote {p}")
-        return wrote
-    if not (cfg.out or cfg.outdir or cfg.trajectory or cfg.export or cfg.progress_gif):
+        raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
+    if not (cfg.out or cfg.outdir or cfg.trajectory or cfg.export):
         cfg.out = "grid.png"
     console.print(f"[bold]sample[/] {dataclasses.asdict(cfg)}")
 
@@ -578,7 +438,15 @@ def main(cfg: SampleConfig) -> list[Path]:
     return wrote
 
 
+PICTURE_FLAGS = ("--progress-gif", "--noising")  # moved to pictures.py; the old command lines are forwarded there
+
+
 def cli(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a.split("=", 1)[0] in PICTURE_FLAGS for a in args):
+        import pictures  # lazily: plain sampling does not need matplotlib or the data loader
+
+        return pictures.cli(args)
     cfg, _ = parse_config(SampleConfig, argv)
     try:
         main(cfg)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utills import (CheckpointError, CheckpointWarning, atomic_save, atomic_write_bytes, capture_rng, find_latest,
-                    list_checkpoints, load_checkpoint, resolve_checkpoint, restore_rng, save_checkpoint)
+                    list_checkpoints, load_checkpoint, read_metrics, resolve_checkpoint, restore_rng, save_checkpoint)
 
 
 def _ckpt(step: int, value: float = 1.0) -> dict:
@@ -124,3 +124,10 @@ def test_atomic_write_bytes_replaces_whole_file(tmp_path):
     atomic_write_bytes(b'{"a": 2}', path)
     assert path.read_bytes() == b'{"a": 2}'
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
+
+
+def test_read_metrics_keeps_last_record_per_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 0.5)]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
