@@ -24,18 +24,19 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
+import config
 import metrics
-from images import atomic_write_bytes
+from config import ConfigError
 from metrics import FeatureNet, FeatureStats, MetricsError
-from sample import (Loaded, SampleConfig, SampleError, check_config, console, existing_images,
-                    load_model, pick_device, write_outdir, progress_bar)
-from train import parse_config
-from utills import CheckpointError
+from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
+from atomic import atomic_write
+from utills import CheckpointError, Loaded, load_model, pick_device, run_paths, set_threads
 
 METRICS = ("fid", "kid")
 SPLITS = ("train", "valid", "test", "all")
@@ -56,18 +57,24 @@ class EvalConfig:
     seed: int = 0  # sampling seed (image i from (seed, i)); also seeds the KID subsets
     guidance: float = 1.0  # classifier-free guidance scale (conditional models with --attrs)
     attrs: str = ""  # conditional models: "Smiling=1,..."; empty = unconditional samples
-    no_ema: bool = False  # evaluate the trained weights instead of their EMA
+    ema: bool = True  # evaluate the EMA weights (--no-ema: the trained weights)
     precision: str = "fp32"  # fp32 | fp16 | bf16 autocast for the UNet while sampling
     metrics: str = "fid,kid"  # comma list of fid, kid
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
     inception: str = ""  # TorchScript inception-2015-12-05.pt (empty: torch hub's cache, then ~/.cache/celeba-ddpm)
     device: str = "auto"  # auto | cuda | cpu
+    threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     outdir: str = ""  # generated images (default RUN/eval/step-...-<sampler settings>); existing images are reused
     cache_dir: str = ""  # reference statistics cache (default ~/.cache/celeba-ddpm/ref-stats)
     kid_subsets: int = 100  # KID: number of random subsets
     kid_subset_size: int = 1000  # KID: features per subset (clamped to the smaller set)
     kid_max: int = 10000  # KID: features kept per set (the first ones; shards are shuffled on disk)
     out: str = ""  # results JSON (default RUN/eval.json; each result is also appended to RUN/eval.jsonl)
+
+    CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin")}
+    BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "batch_size": ">= 1", "steps": ">= 1", "eta": "0..1",
+                              "seed": ">= 0", "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "kid_max": ">= 2",
+                              "threads": ">= 0"}
 
 
 class EvalError(ValueError):
@@ -82,17 +89,14 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
     bad = [m for m in wanted if m not in METRICS]
     if bad or not wanted:
         raise EvalError(f"--metrics: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(METRICS)})")
-    if cfg.ref_split not in SPLITS:
-        raise EvalError(f"--ref-split must be one of {', '.join(SPLITS)}, got {cfg.ref_split!r}")
-    if cfg.n < 2 or cfg.kid_subsets < 1 or cfg.kid_subset_size < 2 or cfg.kid_max < 2 or cfg.ref_max < 0:
-        raise EvalError("--n, --kid-subset-size and --kid-max must be at least 2, --kid-subsets at least 1")
+    config.check(cfg)
     return wanted
 
 
 def sample_config(cfg: EvalConfig) -> SampleConfig:
     """The sample.py settings that make the evaluated images."""
     return SampleConfig(ckpt=cfg.ckpt, n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler, steps=cfg.steps,
-                        eta=cfg.eta, variance=cfg.variance, seed=cfg.seed, no_ema=cfg.no_ema, device=cfg.device,
+                        eta=cfg.eta, variance=cfg.variance, seed=cfg.seed, ema=cfg.ema, device=cfg.device,
                         precision=cfg.precision, attrs=cfg.attrs, guidance=cfg.guidance)
 
 
@@ -113,7 +117,7 @@ def default_outdir(run: Path, loaded: Loaded, s: SampleConfig) -> Path:
         name += f"-g{s.guidance}-" + hashlib.sha256(s.attrs.encode()).hexdigest()[:8]
     if s.precision != "fp32":
         name += f"-{s.precision}"
-    return run / "eval" / name
+    return run_paths(run).eval / name
 
 
 # ------------------------------------------------------------------------------------------------ reference images
@@ -209,7 +213,7 @@ def reference_stats(cfg: EvalConfig, net: FeatureNet, image_size: int) -> tuple[
         except (OSError, ValueError, KeyError) as e:
             console.print(f"[yellow]warning:[/] {path}: unreadable cache ({e}); computing again")
     stats = feature_stats(reference_images(tars, count), count, net, cfg, f"reference {cfg.ref_split}")
-    atomic_write_bytes(stats.to_bytes(), path)
+    atomic_write(path, stats.to_bytes())
     return stats, {**info, "cache": str(path)}
 
 
@@ -231,11 +235,12 @@ def main(cfg: EvalConfig) -> dict:
     wanted = check_eval_config(cfg)
     scfg = sample_config(cfg)
     check_config(scfg)
+    set_threads(cfg.threads)
     console.print(f"[bold]evaluate[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
     # Load the feature network first: a missing Inception file should stop us before an hour of sampling.
     net = metrics.load_feature_net(cfg.features, cfg.inception or None, device)
-    loaded = load_model(cfg.ckpt, use_ema=not cfg.no_ema, device=device)
+    loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     run = run_folder(loaded, cfg.ckpt)
     outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)
 
@@ -271,8 +276,8 @@ def main(cfg: EvalConfig) -> dict:
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     })
-    out = Path(cfg.out) if cfg.out else run / "eval.json"
-    atomic_write_bytes((json.dumps(result, indent=2) + "\n").encode(), out)
+    out = Path(cfg.out) if cfg.out else run_paths(run).eval_json
+    atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
     with open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
     shown = "  ".join([f"FID {result['fid']:.3f}"] if "fid" in result else [])
@@ -284,10 +289,9 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    cfg, _ = parse_config(EvalConfig, argv)
     try:
-        main(cfg)
-    except (EvalError, MetricsError, SampleError, CheckpointError, FileNotFoundError, ValueError) as e:
+        main(config.parse(EvalConfig, argv)[0])
+    except (EvalError, ConfigError, MetricsError, SampleError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utills import atomic_write_bytes  # re-exported: sample.py imports it from here
+from atomic import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -35,10 +35,14 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
     return grid
 
 
+def png_bytes(picture: np.ndarray) -> bytes:
+    """[H, W, C] uint8 (C = 1 or 3) -> PNG bytes. PIL's encoder at its defaults is deterministic: the same pixels give
+    the same bytes, which the grids and the --outdir images of sample.py promise for a seed."""
+    buf = io.BytesIO()
+    Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:
     """Save [B,C,H,W] images in [-1, 1] as one PNG grid with `nrow` images per row, atomically."""
-    grid = make_grid(images, nrow=nrow, padding=padding)
-    picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return atomic_write_bytes(buf.getvalue(), path)
+    return atomic_write(path, png_bytes(make_grid(images, nrow=nrow, padding=padding)))

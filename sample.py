@@ -25,10 +25,7 @@ unconditional predictions as classifier-free guidance does.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
@@ -36,24 +33,23 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from diffusion import GaussianDiffusion
-from ema import EMA
-from images import atomic_write_bytes, save_grid, to_uint8
-from train import parse_config  # the project's dataclass -> command line helper (field comments as help)
-from unet import UNet
-from utills import CheckpointError, load_checkpoint, resolve_checkpoint
+import config
+from config import ConfigError
+from images import png_bytes, save_grid, to_uint8
+from atomic import atomic_write
+from utills import (PRECISIONS, CheckpointError, Loaded, autocast, export_safetensors, load_model, pick_device,
+                    set_threads, weights_digest)
 
 console = Console(stderr=True)
 
 SAMPLERS = ("ddim", "ddpm")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_RE = re.compile(r"^(\d{6,})\.png$")
 SETTINGS_FILE = "sample.json"  # what made the images of an --outdir (checked before adding to it)
 
@@ -70,14 +66,20 @@ class SampleConfig:
     seed: int = 0  # image i starts from noise seeded by (seed, i)
     out: str = ""  # one PNG grid of the n images (default grid.png when nothing else is asked for)
     outdir: str = ""  # one PNG per image, 000000.png ...; images already there are kept and counted
-    no_ema: bool = False  # use the trained weights instead of their EMA
-    device: str = "auto"  # auto | cuda | cpu
+    ema: bool = True  # sample with the EMA weights (--no-ema: the trained weights)
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     precision: str = "fp32"  # fp32 | fp16 | bf16: autocast for the UNet (the diffusion maths stays fp32/float64)
     attrs: str = ""  # conditional models: "Smiling=1,Eyeglasses=0"; attributes left out are 0
     guidance: float = 1.0  # classifier-free guidance scale (1 = plain conditional)
     trajectory: str = ""  # PNG strip: a few samples from noise to face (predicted x0 at several steps)
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
+
+    CHOICES: ClassVar[dict] = {"sampler": SAMPLERS, "precision": tuple(PRECISIONS),
+                               "variance": ("fixed_small", "fixed_large")}
+    BOUNDS: ClassVar[dict] = {"n": ">= 1", "batch_size": ">= 1", "steps": ">= 1", "trajectory_rows": ">= 1",
+                              "seed": ">= 0", "eta": "0..1", "threads": ">= 0"}
 
 
 class SampleError(ValueError):
@@ -88,134 +90,11 @@ class SampleError(ValueError):
 
 def check_config(cfg: SampleConfig) -> None:
     """Reject values that cannot work, with one line each."""
-    if cfg.sampler not in SAMPLERS:
-        raise SampleError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
-    if cfg.precision not in PRECISIONS:
-        raise SampleError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise SampleError(f"--device must be auto, cuda or cpu, got {cfg.device!r}")
-    if cfg.n < 1 or cfg.batch_size < 1 or cfg.steps < 1 or cfg.trajectory_rows < 1:
-        raise SampleError("--n, --batch-size, --steps and --trajectory-rows must be at least 1")
-    if cfg.seed < 0:
-        raise SampleError(f"--seed must be >= 0, got {cfg.seed}")
-    if not 0.0 <= cfg.eta <= 1.0:
-        raise SampleError(f"--eta must be in [0, 1], got {cfg.eta}")
-    if cfg.variance not in ("fixed_small", "fixed_large"):
-        raise SampleError(f"--variance must be fixed_small or fixed_large, got {cfg.variance!r}")
-
-
-def pick_device(name: str) -> torch.device:
-    """auto -> cuda when present, else cpu; asking for cuda without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SampleError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(name)
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-@dataclass
-class Loaded:
-    """A model ready to sample, with where it came from."""
-    model: UNet  # in eval() on the sampling device, the chosen weights in place
-    diffusion: GaussianDiffusion
-    attributes: list[str]  # conditioning attribute names ([] for an unconditional model)
-    source: Path  # the checkpoint or safetensors file
-    step: int  # training step of the weights (-1 when unknown)
-    weights: str  # "ema" or "raw"
-    model_config: dict
-    diffusion_config: dict
-
-    @property
-    def image_size(self) -> int:
-        return int(self.model_config["image_size"])
-
-    @property
-    def channels(self) -> int:
-        return int(self.model_config.get("in_channels", 3))
-
-    @property
-    def conditional(self) -> bool:
-        return int(self.model_config.get("cond_dim", 0) or 0) > 0
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the state dict (names and raw bytes): says whether two folders of images share their weights."""
-    h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu") -> Loaded:
-    """Rebuild the UNet and diffusion from a run folder, a checkpoint file or an exported safetensors file."""
-    path = Path(ckpt)
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path, use_ema, device)
-    path = resolve_checkpoint(path)
-    ckpt_dict = load_checkpoint(path)
-    model_config, diffusion_config = dict(ckpt_dict["model_config"]), dict(ckpt_dict["diffusion_config"])
-    model = UNet(**model_config)
-    try:
-        model.load_state_dict(ckpt_dict["model"])
-        if use_ema:
-            ema = EMA(model)
-            ema.load_state_dict(ckpt_dict["ema"])
-            ema.copy_to(model)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
-                  list(ckpt_dict.get("attributes") or []), path, int(ckpt_dict.get("step", -1)),
-                  "ema" if use_ema else "raw", model_config, diffusion_config)
-
-
-def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> Loaded:
-    """An --export file: weights plus JSON configs in the header metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
-    except Exception as e:  # a header that does not parse or a truncated body
-        raise SampleError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
-    missing = [k for k in ("model_config", "diffusion_config") if k not in meta]
-    if missing:
-        raise SampleError(f"{path}: metadata lacks {', '.join(missing)} (not written by sample.py --export)")
-    weights = meta.get("weights", "ema")
-    if not use_ema and weights == "ema":
-        raise SampleError(f"{path}: holds EMA weights only; --no-ema needs the run's checkpoint")
-    model_config, diffusion_config = json.loads(meta["model_config"]), json.loads(meta["diffusion_config"])
-    model = UNet(**model_config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise SampleError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
-                  json.loads(meta.get("attributes", "[]")), path, int(meta.get("step", -1)), weights,
-                  model_config, diffusion_config)
-
-
-def export_safetensors(loaded: Loaded, path: str | os.PathLike) -> Path:
-    """Write the loaded weights with the UNet and diffusion configs (JSON strings) in the metadata, atomically."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    meta = {
-        "model_config": json.dumps(loaded.model_config),
-        "diffusion_config": json.dumps(loaded.diffusion_config),
-        "attributes": json.dumps(loaded.attributes),
-        "step": str(loaded.step),
-        "weights": loaded.weights,
-        "source": str(loaded.source),
-        "format": "celeba-ddpm unet v1",
-    }
-    return atomic_write_bytes(save(tensors, metadata=meta), path)
+    if not cfg.ckpt:
+        raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
+    config.check(cfg)
+    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        raise SampleError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -262,11 +141,6 @@ def initial_noise(seed: int, start: int, count: int, shape: tuple[int, int, int]
                         for i in range(start, start + count)])
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
 def sample_images(loaded: Loaded, cfg: SampleConfig, start: int, count: int,
                   return_trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Images start..start+count-1 of the run `cfg.seed` -> [count, C, H, W] float32 in [-1, 1] on the CPU.
@@ -280,7 +154,7 @@ def sample_images(loaded: Loaded, cfg: SampleConfig, start: int, count: int,
     cond = parse_attrs(cfg.attrs, loaded)
     if cond is not None:
         cond = cond.expand(count, -1).to(device)
-    with torch.inference_mode(), _autocast(device, cfg.precision):
+    with torch.inference_mode(), autocast(device, cfg.precision):
         out = loaded.diffusion.sample(loaded.model, tuple(noise.shape), sampler=cfg.sampler, steps=cfg.steps,
                                       eta=cfg.eta, generator=step_gen, cond=cond, guidance=cfg.guidance,
                                       noise=noise.to(device), return_trajectory=return_trajectory,
@@ -318,17 +192,10 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def png_bytes(picture: np.ndarray) -> bytes:
-    """[H, W, 3] uint8 -> PNG bytes (PIL's encoder is deterministic: same pixels, same bytes)."""
-    buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def outdir_settings(loaded: Loaded, cfg: SampleConfig) -> dict:
     """What decides the pixels of an --outdir; a folder is only added to with the same values."""
     settings = {
-        "weights_sha256": weights_fingerprint(loaded.model),
+        "weights_sha256": weights_digest(loaded.model),
         "step": loaded.step,
         "weights": loaded.weights,
         "image_size": loaded.image_size,
@@ -376,7 +243,7 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
                               f"{settings.get(k)!r} now); use another --outdir")
     elif existing_images(outdir, n):
         raise SampleError(f"{outdir}: holds images but no {SETTINGS_FILE}; use an empty or new --outdir")
-    atomic_write_bytes((json.dumps(settings, indent=2) + "\n").encode(), settings_path)
+    atomic_write(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
 
     have = existing_images(outdir, n)
     todo = [(s, c) for s, c in batches(n, cfg.batch_size) if not all(i in have for i in range(s, s + c))]
@@ -387,7 +254,7 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
             pictures = to_uint8(sample_images(loaded, cfg, start, count))
             for k, picture in enumerate(pictures):
                 if start + k not in have:
-                    atomic_write_bytes(png_bytes(picture), outdir / f"{start + k:06d}.png")
+                    atomic_write(outdir / f"{start + k:06d}.png", png_bytes(picture))
                     made += 1
             bar.advance(task, count)
     return made
@@ -409,15 +276,14 @@ def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike)
 def main(cfg: SampleConfig) -> list[Path]:
     """Do what cfg asks; returns the files written."""
     check_config(cfg)
+    set_threads(cfg.threads)
     wrote: list[Path] = []
-    if not cfg.ckpt:
-        raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
     if not (cfg.out or cfg.outdir or cfg.trajectory or cfg.export):
         cfg.out = "grid.png"
     console.print(f"[bold]sample[/] {dataclasses.asdict(cfg)}")
 
     device = pick_device(cfg.device)
-    loaded = load_model(cfg.ckpt, use_ema=not cfg.no_ema, device=device)
+    loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     console.print(f"loaded {loaded.source} (step {loaded.step}, {loaded.weights} weights, {loaded.image_size} px, "
                   f"{'conditional' if loaded.conditional else 'unconditional'}) on {device}")
     parse_attrs(cfg.attrs, loaded)  # fail before any sampling
@@ -447,10 +313,9 @@ def cli(argv: list[str] | None = None) -> None:
         import pictures  # lazily: plain sampling does not need matplotlib or the data loader
 
         return pictures.cli(args)
-    cfg, _ = parse_config(SampleConfig, argv)
     try:
-        main(cfg)
-    except (SampleError, CheckpointError, FileNotFoundError, ValueError) as e:
+        main(config.parse(SampleConfig, args)[0])
+    except (SampleError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

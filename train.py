@@ -14,24 +14,18 @@ exits at once. `--batch-size` counts images per step over all ranks; each rank r
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
-import importlib.metadata
-import inspect
 import json
 import math
 import os
-import platform
-import re
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,19 +35,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
+import config
+from atomic import atomic_write
+from config import ConfigError
 from data import DaliMissingError, DataError, ShardReadError, make_loader
-from diffusion import GaussianDiffusion
+from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from images import save_grid
 from unet import PRESETS, UNet, build_unet
-from utills import (CheckpointError, atomic_write_bytes, capture_rng, find_latest, list_checkpoints, load_checkpoint,
-                    resolve_checkpoint, restore_rng, save_checkpoint)
+from utills import (CheckpointError, RunPaths, TrainState, autocast, capture_rng, find_latest,
+                    list_checkpoints, load_checkpoint, make_checkpoint, nan_test_steps, pick_device,
+                    resolve_checkpoint, resolve_precision, restore_checkpoint, restore_rng, run_paths,
+                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest)
 
 
 @dataclass
 class TrainConfig:
     # Data and run folder.
-    data: str = ""  # shards folder written by prepare_shards.py (required)
+    data: str = ""  # a shards folder written by prepare_shards.py
     out: str = "runs/celeba"  # run folder: config.json, checkpoints/, samples/, metrics.jsonl
     loader: str = "dali"  # data pipeline: dali | torch
     num_workers: int = -1  # DALI CPU threads or torch DataLoader workers (-1 = the loader's default)
@@ -89,72 +88,36 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard scalars and grids to OUT/tensorboard
     # Hardware.
     device: str = "auto"  # auto | cuda | cpu
+    threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     seed: int = 0  # seeds the weights, the noise, the data order and the grids' fixed noise
     compile: bool = False  # torch.compile the model for training (checkpoints hold the plain module)
     channels_last: bool = False  # channels_last memory format (faster convolutions on tensor cores)
-    # Guards, and hooks for the tests.
     max_nonfinite: int = 100  # stop when the loss has been NaN/inf for this many consecutive steps
-    fault_nan_at_step: int = 0  # test hook: the loss of this step (and the following) is NaN (0 = off)
-    fault_nan_steps: int = 0  # test hook: how many steps get the NaN loss (0 = all from fault_nan_at_step)
+
+    CHOICES: ClassVar[dict] = {"loader": ("dali", "torch"), "preset": tuple(PRESETS), "schedule": SCHEDULES,
+                               "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
+                               "precision": ("auto", "fp16", "bf16", "fp32"), "device": ("auto", "cuda", "cpu")}
+    BOUNDS: ClassVar[dict] = {
+        "num_workers": ">= -1", "timesteps": ">= 2", "batch_size": ">= 1", "log_every": ">= 1", "sample_steps": ">= 1",
+        "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
+        "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
+        "ema_decay": "0..1", "steps": ">= 0", "epochs": ">= 0", "base_channels": ">= 0", "dropout": "..1",
+        "threads": ">= 0", "seed": ">= 0"}
+    REQUIRED: ClassVar[tuple] = ("data",)
+    RETIRED: ClassVar[tuple] = ("fault_nan_at_step", "fault_nan_steps")  # test hooks once in config.json
 
 
 # Fields that define the model and the diffusion: taken from the checkpoint on resume, and a clash is an error.
 ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "timesteps", "schedule", "objective")
-CHOICES = {"loader": ("dali", "torch"), "preset": tuple(PRESETS), "schedule": ("linear", "cosine"),
-           "objective": ("eps", "v", "x0"), "lr_schedule": ("constant", "cosine"),
-           "precision": ("auto", "fp16", "bf16", "fp32"), "device": ("auto", "cuda", "cpu")}
-
-
-class ConfigError(ValueError):
-    """A flag that cannot be used (a bad value, or an architecture clash with the checkpoint)."""
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
-def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in a dataclass's source, used as the flag's help."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
-
-
-def parse_config(cls: type, argv: list[str] | None = None) -> tuple[object, set[str]]:
-    """Build a dataclass config from the command line, `--batch-size` for `batch_size`; also return the given names."""
-    helps = field_comments(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").splitlines()[0],
-                                     argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        help_text = f"{helps.get(f.name, '')} [{f.default}]".replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, help=help_text, metavar=f.name.upper())
-    given = vars(parser.parse_args(argv))
-    return cls(**given), set(given)
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Reject values that cannot work, with one line naming the flag."""
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose from {', '.join(allowed)}")
-    if not cfg.data:
-        raise ConfigError("--data is required (a shards folder written by prepare_shards.py)")
+    config.check(cfg)
     if cfg.steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("give --steps N or --epochs E")
-    for name in ("batch_size", "log_every", "sample_steps", "max_nonfinite", "timesteps"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("warmup", "ckpt_every", "keep", "sample_every", "grad_clip", "min_snr_gamma", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.p_uncond <= 1.0 or not 0.0 <= cfg.ema_decay <= 1.0:
-        raise ConfigError("--p-uncond and --ema-decay must be in [0, 1]")
 
 
 def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) -> tuple[TrainConfig, list[str]]:
@@ -169,7 +132,7 @@ def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) 
         new, old = getattr(cfg, f.name), saved[f.name]
         if f.name in ARCH_FIELDS:
             if (f.name in given or new != f.default) and new != old:
-                raise ConfigError(f"--{f.name.replace('_', '-')} {new!r} changes the architecture: the checkpoint "
+                raise ConfigError(f"{config.flag(f.name)} {new!r} changes the architecture: the checkpoint "
                                   f"has {f.name}={old!r} (drop the flag to resume, or start a new --out)")
             updates[f.name] = old
         elif new != old:
@@ -187,64 +150,157 @@ def lr_factor(i: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    """auto -> this rank's GPU when CUDA is present, else the CPU."""
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+@dataclass
+class Ranks:
+    """Where this process stands among torchrun's processes (one process without torchrun)."""
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    control: object  # a gloo group for CPU-side flags and gathers (None with one process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on some rank (a CPU all-reduce on the gloo group)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    """auto -> fp16 on CUDA (with a GradScaler), fp32 on the CPU."""
-    if name == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return name
+def join_ranks(cfg: TrainConfig) -> Ranks:
+    """Join the process group when torchrun started several processes; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    control = None
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        control = dist.new_group(backend="gloo")  # CPU-side flags and gathers, without touching the GPU stream
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
+    return Ranks(world_size, rank, local_rank, device, control)
 
 
-def versions() -> dict[str, str]:
-    """Versions of what produced a checkpoint, for the record."""
-    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
-    for package in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "torch-ema"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[package] = importlib.metadata.version(package)
-    return out
+def find_resume(cfg: TrainConfig, run: RunPaths) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from (--resume auto|never|PATH) and its contents, or (None, None)."""
+    if cfg.resume == "auto":
+        found = find_latest(run.root)
+        if found is None and list_checkpoints(run.root):
+            raise CheckpointError(f"{run.checkpoints}: no checkpoint there loads and verifies")
+        return found if found else (None, None)
+    if cfg.resume != "never":
+        path = resolve_checkpoint(cfg.resume)
+        return path, load_checkpoint(path)
+    if list_checkpoints(run.root):
+        raise ConfigError(f"--resume never: {run.checkpoints} already holds checkpoints; use a new --out")
+    return None, None
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records after `step`, written by a run that was killed after its last checkpoint."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError, TypeError):
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-    atomic_write_bytes("".join(line + "\n" for line in kept).encode(), path)
+def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, console: Console):
+    """This rank's part of the training data, continuing at `data_state` when it still fits the flags."""
+    args = dict(split="train", backend=cfg.loader, device=ranks.device, shuffle=True, flip=True, seed=cfg.seed,
+                rank=ranks.rank, world_size=ranks.world_size, drop_last=True,
+                num_threads=None if cfg.num_workers < 0 else cfg.num_workers)
+    try:
+        loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args, state=data_state)
+    except DataError as e:
+        if data_state is None:
+            raise
+        # A changed --batch-size, --seed or --loader cannot continue the old order: say so and start a new one.
+        console.print(f"[yellow]warning:[/] {e}; the data order restarts")
+        loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args)
+    if len(loader) == 0:
+        raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // ranks.world_size}")
+    if cfg.cond and not loader.attributes:
+        raise ConfigError(f"--cond: {cfg.data}/manifest.json lists no attributes")
+    return loader
+
+
+def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes: list[str]) -> UNet:
+    """The UNet: the checkpoint's architecture when resuming (checked against the data), else the preset's."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP checks that)
+    if ckpt is None:
+        overrides = {"image_size": image_size, "cond_dim": len(attributes) if cfg.cond else 0}
+        if cfg.base_channels > 0:
+            overrides["base_channels"] = cfg.base_channels
+        if cfg.dropout >= 0:
+            overrides["dropout"] = cfg.dropout
+        return build_unet(cfg.preset, **overrides)
+    if ckpt["image_size"] != image_size:
+        raise ConfigError(f"{cfg.data}: images are {image_size} px, the checkpoint's model {ckpt['image_size']} px")
+    if cfg.cond and list(ckpt["attributes"]) != list(attributes):
+        raise ConfigError(f"{cfg.data}: the attributes differ from the checkpoint's")
+    return UNet(**ckpt["model_config"])
+
+
+def show_config(console: Console, cfg: TrainConfig, title: str, extra: str) -> None:
+    """The configuration as a table, every field, so that a log shows what ran."""
+    table = Table(title=title, show_header=False, box=None)
+    for key, value in asdict(cfg).items():
+        table.add_row(key, repr(value))
+    table.add_row("[dim]device / precision / world", f"[dim]{extra}")
+    console.print(table)
+
+
+def set_run_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig,
+               total_steps: int) -> None:
+    """--lr and --weight-decay may change on resume; unchanged they reproduce the saved values exactly."""
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg.warmup, total_steps, cfg.lr_schedule)
+
+
+class RunningStats:
+    """The loss averaged since the last log line and the streak of non-finite losses, kept on the device so that
+    nothing is read back from the GPU between log lines."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.loss_count = torch.zeros((), device=device, dtype=torch.float64)
+        self.streak = torch.zeros((), device=device, dtype=torch.int64)  # consecutive non-finite losses
+        self.worst_streak = torch.zeros((), device=device, dtype=torch.int64)
+
+    def add(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.double(), 0.0)
+        self.loss_count += finite.double()
+        self.streak = torch.where(finite, 0, self.streak + 1)
+        self.worst_streak = torch.maximum(self.worst_streak, self.streak)
+
+    def read(self, ranks: Ranks, max_nonfinite: int, step: int, last_ckpt: Path | None) -> float | None:
+        """The mean loss over ranks since the last read (None if none was finite); raises when the streak is too long."""
+        sums = torch.stack([self.loss_sum, self.loss_count])
+        if ranks.world_size > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(self.worst_streak, op=dist.ReduceOp.MAX)  # every rank stops together
+        if int(self.worst_streak) >= max_nonfinite:
+            raise FloatingPointError(
+                f"the loss was NaN/inf for {int(self.worst_streak)} consecutive steps (now at step {step}, "
+                f"non-finite since step {step - int(self.streak) + 1}); stopping without a checkpoint "
+                f"(last good one: {last_ckpt or 'none in this process'})")
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        self.worst_streak.copy_(self.streak)
+        return float(sums[0] / sums[1]) if float(sums[1]) > 0 else None
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor is free of NaN and inf (one read-back)."""
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of the parameters' bytes: the same on every rank while DDP keeps them in step."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def gather(obj: object, world_size: int, group: object = None) -> list:
-    """Every rank's `obj`, in rank order (just [obj] without a process group)."""
-    if world_size == 1:
-        return [obj]
-    out: list = [None] * world_size
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def format_status(m: dict, total: int) -> str:
@@ -257,102 +313,101 @@ def format_status(m: dict, total: int) -> str:
             f"data {100 * m['data_wait']:.0f}%{mem} | skipped {m['skipped_steps']} | eta {eta}")
 
 
+def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, ranks: Ranks, console: Console,
+              cleanup: contextlib.ExitStack) -> tuple:
+    """metrics.jsonl, TensorBoard when asked, and a live progress display on a terminal (plain lines otherwise);
+    `cleanup` closes them. Returns (metrics file, TensorBoard writer, progress, its task); rank 0 alone writes."""
+    writer = None
+    if ranks.is_main and cfg.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = cleanup.enter_context(SummaryWriter(str(run.tensorboard), purge_step=step + 1))
+        except ImportError:
+            console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
+    metrics_file = cleanup.enter_context(open(run.metrics, "a")) if ranks.is_main else None
+    progress = cleanup.enter_context(Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal))
+    task = progress.add_task("train", total=total_steps, completed=step, status="")
+    return metrics_file, writer, progress, task
+
+
+def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
+    """SIGTERM/SIGINT ask for a checkpoint after the current step (the list they append to); a second SIGINT stops
+    at once. The previous handlers come back with `cleanup`."""
+    stop_signal: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)  # acted on after the step (printing from a handler is not safe)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
+    return stop_signal
+
+
+def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: Ranks, loader, diffusion, noise_gen,
+                     console: Console, last: Path | None) -> Path | None:
+    """Every rank's random and data states, gathered; rank 0 checks the weights and writes; all wait for it.
+
+    Called when no batch has been fetched since this step's, so the loader's state is the position right after it.
+    """
+    rngs = ranks.gather({**capture_rng(), "noise": noise_gen.get_state()})
+    data_states = ranks.gather(loader.state_dict())
+    if ranks.world_size > 1:
+        if len(set(ranks.gather(weights_digest(state.model)))) > 1:
+            raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
+        console.print(f"weights identical on {ranks.world_size} ranks at step {state.step}")
+    if ranks.is_main:
+        ckpt = make_checkpoint(state, config=asdict(cfg), diffusion_config=diffusion.config,
+                               image_size=loader.image_size, attributes=list(loader.attributes) if cfg.cond else [],
+                               data_states=data_states, rngs=rngs)
+        if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
+            raise FloatingPointError(f"step {state.step}: the weights are not finite; not writing a checkpoint "
+                                     f"over {last or 'the previous ones'}")
+        last = save_checkpoint(run.root, ckpt, state.step, cfg.keep)
+        console.print(f"checkpoint: {last}")
+    if ranks.world_size > 1:
+        dist.barrier(group=ranks.control)
+    return last
+
+
 # -------------------------------------------------------------------------------------------------------------- main
 
 def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     """Train (or continue training) the run in `cfg.out`; returns the last checkpoint written, if any."""
     check_config(cfg)
-
-    # Join the process group when torchrun started several processes; rank 0 alone writes files.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg.device, local_rank)
-    control = None
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        control = dist.new_group(backend="gloo")  # CPU-side flags and gathers, without touching the GPU stream
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
-    is_main = rank == 0
-    console = Console(quiet=not is_main, highlight=False, soft_wrap=True)
-    run_dir = Path(cfg.out)
+    set_threads(cfg.threads)
+    ranks = join_ranks(cfg)
+    device, world_size = ranks.device, ranks.world_size
+    console = Console(quiet=not ranks.is_main, highlight=False, soft_wrap=True)
+    run = run_paths(cfg.out)
 
     # Pick the checkpoint to continue from; architecture comes from it, run control from the command line.
-    ckpt_path, ckpt = None, None
-    if cfg.resume == "auto":
-        found = find_latest(run_dir)
-        if found is None and list_checkpoints(run_dir):
-            raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint there loads and verifies")
-        ckpt_path, ckpt = found if found else (None, None)
-    elif cfg.resume != "never":
-        ckpt_path = resolve_checkpoint(cfg.resume)
-        ckpt = load_checkpoint(ckpt_path)
-    elif list_checkpoints(run_dir):
-        raise ConfigError(f"--resume never: {run_dir / 'checkpoints'} already holds checkpoints; use a new --out")
+    ckpt_path, ckpt = find_resume(cfg, run)
     if ckpt is not None:
         cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
         console.print(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
         for change in changes:
             console.print(f"  changed since the checkpoint: {change}")
+    precision = resolve_precision(cfg.precision, device)
+    show_config(console, cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}")
 
-    # Show the configuration and write it to the run folder.
-    precision = pick_precision(cfg.precision, device)
-    table = Table(title=f"train.py -> {run_dir}", show_header=False, box=None)
-    for key, value in asdict(cfg).items():
-        table.add_row(key, repr(value))
-    table.add_row("[dim]device / precision / world", f"[dim]{device} / {precision} / {world_size}")
-    console.print(table)
-    if is_main:
-        atomic_write_bytes((json.dumps(asdict(cfg), indent=2) + "\n").encode(), run_dir / "config.json")
-
-    # Open this rank's part of the training data, continuing at the checkpoint's position.
-    data_state = ckpt["data_state"] if ckpt is not None else None
-    if data_state is not None and "ranks" in data_state:  # a torchrun run saves one position per rank
-        data_state = data_state["ranks"][rank] if data_state["world_size"] == world_size else None
-    elif data_state is not None and world_size > 1:
-        data_state = None
+    # Open this rank's part of the training data (continuing at the checkpoint's position), then build the model.
+    data_state = this_rank(ckpt["data_state"], ranks.rank, world_size) if ckpt is not None else None
     if ckpt is not None and data_state is None:
-        console.print("[yellow]warning:[/] the number of ranks changed: the data order restarts")
-    loader_args = dict(split="train", backend=cfg.loader, device=device, shuffle=True, flip=True, seed=cfg.seed,
-                       rank=rank, world_size=world_size, drop_last=True,
-                       num_threads=None if cfg.num_workers < 0 else cfg.num_workers)
-    try:
-        loader = make_loader(cfg.data, cfg.batch_size // world_size, **loader_args, state=data_state)
-    except DataError as e:
-        if data_state is None:
-            raise
-        # A changed --batch-size, --seed or --loader cannot continue the old order: say so and start a new one.
-        console.print(f"[yellow]warning:[/] {e}; the data order restarts")
-        loader = make_loader(cfg.data, cfg.batch_size // world_size, **loader_args)
-    if len(loader) == 0:
-        raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // world_size}")
-    if cfg.cond and not loader.attributes:
-        raise ConfigError(f"--cond: {cfg.data}/manifest.json lists no attributes")
+        console.print("[yellow]warning:[/] the number of ranks changed: the data order and the random streams restart")
+    loader = open_loader(cfg, ranks, data_state, console)
     total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
-
-    # Build the model and the diffusion, identically on every rank (DDP checks that).
-    torch.manual_seed(cfg.seed)
-    if ckpt is not None:
-        model = UNet(**ckpt["model_config"])
-        if ckpt["image_size"] != loader.image_size:
-            raise ConfigError(f"{cfg.data}: images are {loader.image_size} px, the checkpoint's model "
-                              f"{ckpt['image_size']} px")
-        if cfg.cond and list(ckpt["attributes"]) != list(loader.attributes):
-            raise ConfigError(f"{cfg.data}: the attributes differ from the checkpoint's")
-    else:
-        overrides = {"image_size": loader.image_size, "cond_dim": len(loader.attributes) if cfg.cond else 0}
-        if cfg.base_channels > 0:
-            overrides["base_channels"] = cfg.base_channels
-        if cfg.dropout >= 0:
-            overrides["dropout"] = cfg.dropout
-        model = build_unet(cfg.preset, **overrides)
-    diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
-                                  min_snr_gamma=cfg.min_snr_gamma or None).to(device)
-    model.to(device)
+    model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
+                                  min_snr_gamma=cfg.min_snr_gamma or None).to(device)
     console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                   f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
+    if ranks.is_main:  # only now that the data and the checkpoint have been accepted
+        atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
     # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -360,42 +415,30 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, cfg.warmup, total_steps, cfg.lr_schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision in ("fp16", "bf16"))
+    state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
+    amp = autocast(device, precision)
     # t, the noise and the unconditional rows come from this generator, so its state is part of the checkpoint.
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (rank + 1))
-    torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks
-    np.random.seed(cfg.seed + rank)
+    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1))
+    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks differ across ranks
+    np.random.seed(cfg.seed + ranks.rank)
 
     # Restore everything a step depends on, the random states last.
-    step, epoch, images_seen = 0, 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if scaler.is_enabled() and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, images_seen = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["images_seen"])
-        # --lr and --weight-decay may change on resume; unchanged they reproduce the saved values exactly.
-        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-            group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg.warmup, total_steps, cfg.lr_schedule)
-        rng = ckpt["rng"]
-        if world_size > 1 and len(rng.get("ranks", [])) == world_size:
-            rng = rng["ranks"][rank]
-        noise_gen.set_state(rng["noise"])
-        restore_rng(rng)
-        if is_main:
-            trim_metrics(run_dir / "metrics.jsonl", step)
+        resumed = restore_checkpoint(ckpt, state, rank=ranks.rank, world_size=world_size)
+        set_run_lr(optimizer, scheduler, cfg, total_steps)
+        if resumed.rng is not None:
+            noise_gen.set_state(resumed.rng["noise"])
+            restore_rng(resumed.rng)
+        else:  # a new number of ranks: fresh streams, apart from those of the first start
+            noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
+        if ranks.is_main:
+            trim_metrics(run.metrics, state.step)
     del ckpt  # the restored state lives in the objects now; free the copies
 
     # Wrap for training: DDP across ranks, then torch.compile; checkpoints always come from the plain `model`.
     net: torch.nn.Module = model
     if world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
     if device.type == "cuda":
@@ -406,52 +449,27 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     sample_noise = torch.randn((64, model.config["in_channels"], loader.image_size, loader.image_size),
                                generator=torch.Generator().manual_seed(cfg.seed)).to(device)
 
-    # Logs: metrics.jsonl, optional TensorBoard, and a live display on a terminal (plain lines otherwise).
-    # `cleanup` closes them, restores the signal handlers and leaves the process group however the loop ends.
+    # Logs, signal handlers and the process group are undone by `cleanup` however the loop ends.
     cleanup = contextlib.ExitStack()
     if world_size > 1:
         cleanup.callback(dist.destroy_process_group)
-    writer = None
-    if is_main and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = cleanup.enter_context(SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1))
-        except ImportError:
-            console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
-    metrics_file = cleanup.enter_context(open(run_dir / "metrics.jsonl", "a")) if is_main else None
-    progress = cleanup.enter_context(Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal))
-    task = progress.add_task("train", total=total_steps, completed=step, status="")
-
-    # SIGTERM/SIGINT ask for a checkpoint after the current step; a second SIGINT stops at once.
-    stop_signal: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        if stop_signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop_signal.append(signum)  # acted on after the step (printing from a handler is not safe)
-    for s in (signal.SIGTERM, signal.SIGINT):
-        cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
-
-    # Running sums stay on the device and are read back only when logging.
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    loss_count = torch.zeros((), device=device, dtype=torch.float64)
-    streak = torch.zeros((), device=device, dtype=torch.int64)  # consecutive non-finite losses
-    worst_streak = torch.zeros((), device=device, dtype=torch.int64)
+    metrics_file, writer, progress, task = open_logs(cfg, run, state.step, total_steps, ranks, console, cleanup)
+    stop_signal = catch_stop_signals(cleanup)
+    stats = RunningStats(device)
+    nan_fault = nan_test_steps()
     grad_norm = torch.zeros((), device=device)
     lr = optimizer.param_groups[0]["lr"]
-    last_log_time, last_log_images, data_wait = time.perf_counter(), images_seen, 0.0
+    last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
     saved_step, ckpt_written = -1, None
     batches = iter(loader)
-    if step >= total_steps:
-        console.print(f"already at step {step} of {total_steps}; nothing to train")
+    if state.step >= total_steps:
+        console.print(f"already at step {state.step} of {total_steps}; nothing to train")
 
     with cleanup:
-        while step < total_steps:
+        while state.step < total_steps:
             # Fetch the next batch; an exhausted loader starts the next epoch.
             t0 = time.perf_counter()
-            epoch = loader.epoch  # the epoch this batch belongs to
+            state.epoch = loader.epoch  # the epoch this batch belongs to
             batch = next(batches, None)
             if batch is None:
                 batches = iter(loader)
@@ -463,11 +481,10 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             cond = batch["attr"].float() if cfg.cond else None
 
             # Forward and backward under autocast; the diffusion maths runs in fp32 inside loss().
-            with autocast:
+            with amp:
                 loss = diffusion.loss(net, x0, cond=cond, p_uncond=cfg.p_uncond if cfg.cond else 0.0,
                                       generator=noise_gen)
-            if cfg.fault_nan_at_step and step + 1 >= cfg.fault_nan_at_step and (
-                    not cfg.fault_nan_steps or step + 1 < cfg.fault_nan_at_step + cfg.fault_nan_steps):
+            if nan_fault(state.step + 1):
                 loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -485,50 +502,32 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 scheduler.step()
 
-            # Update the EMA and the running statistics.
-            ema.update()
-            step += 1
-            images_seen += cfg.batch_size
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach().double(), 0.0)
-            loss_count += finite.double()
-            streak = torch.where(finite, 0, streak + 1)
-            worst_streak = torch.maximum(worst_streak, streak)
-            progress.update(task, completed=step)
-
-            # Agree across ranks whether a signal asked us to stop (a CPU flag on the gloo group).
-            stopping = bool(stop_signal)
-            if world_size > 1:
-                flag = torch.tensor([int(stopping)])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
-                stopping = bool(flag.item())
+            # Update the EMA and the running statistics; agree across ranks whether a signal asked us to stop.
+            state.ema.update()
+            state.step += 1
+            state.images_seen += cfg.batch_size
+            stats.add(loss.detach())
+            progress.update(task, completed=state.step)
+            stopping = ranks.any(bool(stop_signal))
+            step = state.step
             checkpoint_now = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps or stopping
 
             # Log: read the device values back, average the loss over ranks, one line and one JSON record.
             if step % cfg.log_every == 0 or checkpoint_now:
-                sums = torch.stack([loss_sum, loss_count])
-                if world_size > 1:
-                    dist.all_reduce(sums)
-                    dist.all_reduce(worst_streak, op=dist.ReduceOp.MAX)  # every rank stops together
-                if int(worst_streak) >= cfg.max_nonfinite:
-                    raise FloatingPointError(
-                        f"the loss was NaN/inf for {int(worst_streak)} consecutive steps (now at step {step}, "
-                        f"non-finite since step {step - int(streak) + 1}); stopping without a checkpoint "
-                        f"(last good one: {ckpt_written or 'none in this process'})")
+                mean_loss = stats.read(ranks, cfg.max_nonfinite, step, ckpt_written)
                 now = time.perf_counter()
                 adam_state = optimizer.state.get(next(iter(model.parameters())), {})
                 record = {
-                    "step": step, "epoch": epoch, "images_seen": images_seen,
-                    "loss": float(sums[0] / sums[1]) if float(sums[1]) > 0 else None,
+                    "step": step, "epoch": state.epoch, "images_seen": state.images_seen, "loss": mean_loss,
                     "lr": lr, "grad_norm": float(grad_norm), "loss_scale": float(scaler.get_scale()),
-                    "images_per_s": (images_seen - last_log_images) / max(now - last_log_time, 1e-9),
+                    "images_per_s": (state.images_seen - last_log_images) / max(now - last_log_time, 1e-9),
                     "data_wait": data_wait / max(now - last_log_time, 1e-9),
                     "skipped_steps": step - int(adam_state.get("step", 0)),  # updates the optimizer did not take
                 }
                 record["eta_s"] = (total_steps - step) * cfg.batch_size / max(record["images_per_s"], 1e-9)
                 if device.type == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if is_main:
+                if ranks.is_main:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                     if writer is not None:
@@ -539,67 +538,40 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                         console.print(format_status(record, total_steps))
                     else:
                         progress.update(task, status=format_status(record, total_steps))
-                loss_sum.zero_()
-                loss_count.zero_()
-                worst_streak.copy_(streak)
-                last_log_time, last_log_images, data_wait = now, images_seen, 0.0
+                last_log_time, last_log_images, data_wait = now, state.images_seen, 0.0
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
-            if is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):
+            if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):
                 model.eval()
-                with ema.average_parameters(), torch.random.fork_rng(devices=[device] if device.type == "cuda"
-                                                                      else []), autocast:
+                with state.ema.average_parameters(), torch.random.fork_rng(
+                        devices=[device] if device.type == "cuda" else []), amp:
                     grid = diffusion.sample(model, tuple(sample_noise.shape), sampler="ddim",
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
                 model.train()
-                grid_path = save_grid(grid, run_dir / "samples" / f"step-{step:08d}.png", nrow=8)
+                grid_path = save_grid(grid, run.sample_grid(step), nrow=8)
                 if writer is not None:
                     writer.add_images("samples", (grid.clamp(-1, 1) + 1) / 2, step)
                 console.print(f"samples: {grid_path}")
 
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.
-            # No batch has been fetched since this step's, so the loader's state is the position right after it.
             if checkpoint_now and saved_step != step:
-                rng = {**capture_rng(), "noise": noise_gen.get_state()}
-                rngs, data_states = gather(rng, world_size, control), gather(loader.state_dict(), world_size, control)
-                if world_size > 1:
-                    if len(set(gather(weights_digest(model), world_size, control))) > 1:
-                        raise RuntimeError(f"step {step}: the ranks hold different weights (DDP out of step)")
-                    console.print(f"weights identical on {world_size} ranks at step {step}")
-                if is_main:
-                    ema_state = ema.state_dict()
-                    if not all_finite([*model.parameters(), *ema_state["shadow_params"]]):
-                        raise FloatingPointError(f"step {step}: the weights are not finite; not writing a "
-                                                 f"checkpoint over {ckpt_written or 'the previous ones'}")
-                    ckpt_written = save_checkpoint(run_dir, {
-                        "model": model.state_dict(), "ema": ema_state, "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "lr_scheduler": scheduler.state_dict(), "step": step,
-                        "epoch": epoch, "images_seen": images_seen,
-                        "data_state": data_states[0] if world_size == 1 else {"world_size": world_size,
-                                                                                "ranks": data_states},
-                        "rng": rngs[0] if world_size == 1 else {**rngs[0], "ranks": rngs},
-                        "config": asdict(cfg), "model_config": model.config, "diffusion_config": diffusion.config,
-                        "image_size": loader.image_size, "attributes": list(loader.attributes) if cfg.cond else [],
-                        "versions": versions(),
-                    }, step, cfg.keep)
-                    console.print(f"checkpoint: {ckpt_written}")
+                ckpt_written = write_checkpoint(run, state, cfg, ranks, loader, diffusion, noise_gen, console,
+                                                ckpt_written)
                 saved_step = step
-                if world_size > 1:
-                    dist.barrier(group=control)
             if stopping:
                 name = signal.Signals(stop_signal[0]).name if stop_signal else "a signal on another rank"
                 console.print(f"[yellow]stopped by {name} at step {step}[/]; run the same command to continue")
                 break
 
-    if step >= total_steps and ckpt_written is not None:
-        console.print(f"[bold green]done[/]: step {step}, {images_seen} images; last checkpoint {ckpt_written}")
+    if state.step >= total_steps and ckpt_written is not None:
+        console.print(f"[bold green]done[/]: step {state.step}, {state.images_seen} images; "
+                      f"last checkpoint {ckpt_written}")
     return ckpt_written
 
 
 if __name__ == "__main__":
-    config, given_flags = parse_config(TrainConfig)
     try:
-        main(config, given_flags)
+        main(*config.parse(TrainConfig))
     except (ConfigError, CheckpointError, DataError, ShardReadError, DaliMissingError, FileNotFoundError,
             FloatingPointError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,4 +1,12 @@
-"""Checkpoints that survive a kill at any moment, and the random state that makes a resumed run exact.
+"""The run folder and its checkpoints: one home for that contract, shared by train.py, sample.py and evaluate.py.
+
+- RunPaths names every path of a run folder once; read_metrics is the one reader of metrics.jsonl.
+- make_checkpoint builds the checkpoint dict and restore_checkpoint, beside it, puts it back into the training
+  objects: a new field is added there and nowhere else. Every checkpoint carries FORMAT_VERSION; files written before
+  versions existed count as version 0 and are upgraded when loaded (`upgrade`).
+- load_model rebuilds a model for sampling from a run folder, a checkpoint or an exported .safetensors file, and
+  export_safetensors writes one.
+- The device, precision and autocast choices, the weights digest and the --threads setting every script shares.
 
 A checkpoint is one file `RUN/checkpoints/step-{step:08d}.pt`: a dict of state dicts and plain values, written to a
 temporary name in the same folder, fsynced, renamed over (atomic on POSIX), with the folder fsynced too; older ones are
@@ -17,16 +25,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import contextlib
+import hashlib
+import importlib.metadata
+import platform
+from typing import Callable
+
 import numpy as np
 import torch
 
 from atomic import atomic_write
+from config import ConfigError
+from diffusion import GaussianDiffusion
+from ema import EMA
+from unet import UNet
 
+# The checkpoint format. 0: files written before the format carried a version (read as they are, see `upgrade`).
+# 1: "format_version" added; per-rank values (data position, random states) always as {"world_size", "ranks"}.
+FORMAT_VERSION = 1
 # Keys every consumer (train.py resume, sample.py, evaluate.py) reads.
 REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_config")
 CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
-# Test hook: seconds to sleep after the temporary file is durable and before the rename, so a test can kill mid-write.
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Test hooks: environment variables read here and nowhere else, so that they stay out of every config, --help and
+# checkpoint. DDPM_TEST_PAUSE_BEFORE_RENAME=S sleeps S seconds after a checkpoint's temporary file is durable and
+# before the rename (a test kills the run mid-write); DDPM_TEST_NAN_STEPS="A" or "A:N" makes the loss of step A (1-based)
+# and later, or of N steps from A, NaN (the non-finite guard's tests).
 PAUSE_ENV = "DDPM_TEST_PAUSE_BEFORE_RENAME"
+NAN_ENV = "DDPM_TEST_NAN_STEPS"
+
+
+def nan_test_steps() -> Callable[[int], bool]:
+    """Test hook (NAN_ENV): whether the loss of step `s` (1-based) is to be made NaN; never, without the variable."""
+    spec = os.environ.get(NAN_ENV, "").strip()
+    if not spec:
+        return lambda s: False
+    first, _, count = spec.partition(":")
+    first, count = int(first), int(count or 0)
+    return lambda s: s >= first and (count == 0 or s < first + count)
 
 
 @dataclass(frozen=True)
@@ -115,19 +152,14 @@ class CheckpointWarning(UserWarning):
 
 
 def _pause_before_rename() -> None:
-    """Test hook: a kill while a checkpoint is being written (see PAUSE_ENV)."""
+    """Test hook: a kill while a checkpoint is being written (PAUSE_ENV, above)."""
     if float(os.environ.get(PAUSE_ENV, "0") or 0) > 0:
         time.sleep(float(os.environ[PAUSE_ENV]))
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+def atomic_save(path: str | os.PathLike, obj: Any) -> Path:
     """torch.save `obj` to `path` atomically (atomic.atomic_write: temp file, fsync, rename, fsync the folder)."""
     return atomic_write(path, lambda f: torch.save(obj, f), before_replace=_pause_before_rename)
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    """Write `data` to `path` atomically (atomic.atomic_write); makes the folder, leaves no temp file on failure."""
-    return atomic_write(path, data)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -153,7 +185,7 @@ def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int
     Pruning comes after the new file is renamed into place and its folder fsynced, so a kill at any moment leaves at
     least one complete checkpoint. Temporary files left by an earlier killed write are removed as well.
     """
-    path = atomic_save(ckpt, checkpoint_path(run_dir, step))
+    path = atomic_save(checkpoint_path(run_dir, step), ckpt)
     folder = path.parent
     for stale in folder.glob(".step-*.pt.tmp-*"):
         if not stale.name.endswith(f"-{os.getpid()}"):
@@ -198,6 +230,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: cannot be loaded ({reason[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (found {type(ckpt).__name__})")
+    ckpt = upgrade(ckpt, path)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: missing keys {', '.join(missing)}")
@@ -205,6 +238,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         bad = _non_finite(ckpt[key], key)
         if bad is not None:
             raise CheckpointError(f"{path}: non-finite values in {bad}")
+    return ckpt
+
+
+def upgrade(ckpt: dict, path: str | os.PathLike = "checkpoint") -> dict:
+    """A loaded checkpoint of any known format version, in the layout of FORMAT_VERSION (a newer one is refused).
+
+    Version 0 (no "format_version" key) kept one rank's data position and random states bare, and a torchrun run's
+    random states as rank 0's plus a "ranks" list; version 1 always packs them as pack_ranks does.
+    """
+    version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this code reads "
+                              f"(up to {FORMAT_VERSION}); update the code")
+    if version == 0:
+        ckpt = dict(ckpt)
+        for key in ("data_state", "rng"):
+            value = ckpt.get(key)
+            if value is None or not isinstance(value, dict):
+                continue
+            if "ranks" in value:
+                ckpt[key] = {"world_size": len(value["ranks"]), "ranks": list(value["ranks"])}
+            else:
+                ckpt[key] = pack_ranks([value])
+        ckpt["format_version"] = FORMAT_VERSION
     return ckpt
 
 
@@ -262,3 +319,232 @@ def restore_rng(state: dict) -> None:
     if cuda and torch.cuda.is_available():
         for device, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), device)
+
+
+# ----------------------------------------------------------------------------------------- the checkpoint's contents
+
+def pack_ranks(values: list) -> dict:
+    """Every rank's value of a per-rank part of the checkpoint (data position, random states), in rank order."""
+    return {"world_size": len(values), "ranks": list(values)}
+
+
+def this_rank(packed: dict | None, rank: int, world_size: int) -> Any:
+    """This rank's value from pack_ranks, or None when there is none or the number of ranks changed."""
+    if not packed or int(packed["world_size"]) != world_size:
+        return None
+    return packed["ranks"][rank]
+
+
+@dataclass
+class TrainState:
+    """The objects a checkpoint is taken from and restored into (None where a file holds no such part)."""
+    model: torch.nn.Module  # the plain module: never the DDP or torch.compile wrapper
+    ema: EMA
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    step: int = 0  # optimizer steps taken (skipped fp16 updates included)
+    epoch: int = 0  # the epoch of the last batch trained on
+    images_seen: int = 0  # over all ranks
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back besides the objects' states: this rank's data position and random states."""
+    data_state: dict | None  # None: none saved, or the number of ranks changed (the data order restarts)
+    rng: dict | None  # capture_rng() plus "noise" (the training noise generator), or None as above
+
+
+def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, image_size: int,
+                    attributes: list[str], data_states: list[dict] | None = None,
+                    rngs: list[dict] | None = None) -> dict:
+    """The checkpoint dict: the one place its keys are written (restore_checkpoint, below, reads them back).
+
+    data_states and rngs hold every rank's value, in rank order (train.py gathers them); None leaves them out (a
+    checkpoint that can be sampled but not resumed exactly). Only tensors and plain values: weights_only-loadable.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": state.model.state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "lr_scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "step": int(state.step),
+        "epoch": int(state.epoch),
+        "images_seen": int(state.images_seen),
+        "data_state": pack_ranks(data_states) if data_states is not None else None,
+        "rng": pack_ranks(rngs) if rngs is not None else None,
+        "config": dict(config),
+        "model_config": dict(state.model.config),
+        "diffusion_config": dict(diffusion_config),
+        "image_size": int(image_size),
+        "attributes": list(attributes),
+        "versions": versions(),
+    }
+
+
+def restore_checkpoint(ckpt: dict, state: TrainState, *, rank: int = 0, world_size: int = 1) -> Resumed:
+    """Put a make_checkpoint dict (any format version, via load_checkpoint) back into `state`'s objects and counters.
+
+    The random states are returned, not applied: the caller restores them last, after everything that draws from them.
+    """
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    if state.optimizer is not None and ckpt.get("optimizer"):
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scheduler is not None and ckpt.get("lr_scheduler"):
+        state.scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if state.scaler is not None and state.scaler.is_enabled() and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step, state.epoch = int(ckpt["step"]), int(ckpt.get("epoch", 0))
+    state.images_seen = int(ckpt.get("images_seen", 0))
+    return Resumed(data_state=this_rank(ckpt.get("data_state"), rank, world_size),
+                   rng=this_rank(ckpt.get("rng"), rank, world_size))
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a checkpoint, for the record."""
+    out = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": str(np.__version__)}
+    for package in ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "torch-ema"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[package] = importlib.metadata.version(package)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- a model for sampling
+
+@dataclass
+class Loaded:
+    """A model ready to sample, with where it came from."""
+    model: UNet  # in eval() on the sampling device, the chosen weights in place
+    diffusion: GaussianDiffusion
+    attributes: list[str]  # conditioning attribute names ([] for an unconditional model)
+    source: Path  # the checkpoint or safetensors file
+    step: int  # training step of the weights (-1 when unknown)
+    weights: str  # "ema" or "raw"
+    model_config: dict
+    diffusion_config: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model_config["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.model_config.get("in_channels", 3))
+
+    @property
+    def conditional(self) -> bool:
+        return int(self.model_config.get("cond_dim", 0) or 0) > 0
+
+
+def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu") -> Loaded:
+    """Rebuild the UNet and diffusion from a run folder, a checkpoint file or an exported safetensors file."""
+    path = Path(ckpt)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, use_ema, device)
+    path = resolve_checkpoint(path)
+    ckpt_dict = load_checkpoint(path)
+    model_config, diffusion_config = dict(ckpt_dict["model_config"]), dict(ckpt_dict["diffusion_config"])
+    model = UNet(**model_config)
+    try:
+        model.load_state_dict(ckpt_dict["model"])
+        if use_ema:
+            ema = EMA(model)
+            ema.load_state_dict(ckpt_dict["ema"])
+            ema.copy_to(model)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
+    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
+                  list(ckpt_dict.get("attributes") or []), path, int(ckpt_dict.get("step", -1)),
+                  "ema" if use_ema else "raw", model_config, diffusion_config)
+
+
+def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> Loaded:
+    """An export_safetensors file: weights plus JSON configs in the header metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # a header that does not parse or a truncated body
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in ("model_config", "diffusion_config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} (not written by sample.py --export)")
+    weights = meta.get("weights", "ema")
+    if not use_ema and weights == "ema":
+        raise CheckpointError(f"{path}: holds EMA weights only; --no-ema needs the run's checkpoint")
+    model_config, diffusion_config = json.loads(meta["model_config"]), json.loads(meta["diffusion_config"])
+    model = UNet(**model_config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
+    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
+                  json.loads(meta.get("attributes", "[]")), path, int(meta.get("step", -1)), weights,
+                  model_config, diffusion_config)
+
+
+def export_safetensors(loaded: Loaded, path: str | os.PathLike) -> Path:
+    """Write the loaded weights with the UNet and diffusion configs (JSON strings) in the metadata, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+    meta = {
+        "model_config": json.dumps(loaded.model_config),
+        "diffusion_config": json.dumps(loaded.diffusion_config),
+        "attributes": json.dumps(loaded.attributes),
+        "step": str(loaded.step),
+        "weights": loaded.weights,
+        "source": str(loaded.source),
+        "format": "celeba-ddpm unet v1",
+    }
+    return atomic_write(path, save(tensors, metadata=meta))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names and raw bytes): equal on every rank while DDP keeps them in step, and says
+    whether two folders of samples come from the same weights."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- device, precision, threads
+
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """auto -> the GPU (this rank's under torchrun) when CUDA is present, else the CPU; cuda without one is an error."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    device = torch.device(name if name.startswith("cuda:") else f"cuda:{local_rank or 0}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> fp16 on CUDA (with a GradScaler when training), fp32 on the CPU."""
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of `precision` (fp32: none); the diffusion maths switches it off for itself."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads(threads: int) -> None:
+    """--threads N: PyTorch's intra-op CPU threads (0 keeps PyTorch's default, one per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 from sample import SampleConfig, SampleError
+from utills import CheckpointError
 from tiny_run import REPO, TRAIN_STEPS, conditional_run, one_thread_env, tiny_run
 
 torch.set_num_threads(1)
@@ -131,7 +132,7 @@ def test_export_safetensors_round_trip(run: Path, loaded: sample.Loaded, tmp_pat
     sample.main(cfg(ckpt=str(run), n=4, out=str(tmp_path / "from_ckpt.png")))
     sample.main(cfg(ckpt=str(path), n=4, out=str(tmp_path / "from_export.png")))
     assert (tmp_path / "from_ckpt.png").read_bytes() == (tmp_path / "from_export.png").read_bytes()
-    with pytest.raises(SampleError, match="EMA weights only"):
+    with pytest.raises(CheckpointError, match="EMA weights only"):
         sample.load_model(path, use_ema=False)
 
 
@@ -160,7 +161,7 @@ def test_cli_errors_are_one_line(run: Path, tmp_path: Path):
     cases = [
         (["--ckpt", str(run), "--attrs", "Smiling=1"], "has no conditioning"),
         (["--ckpt", str(tmp_path / "nope")], "no such checkpoint file or run folder"),
-        (["--ckpt", str(run), "--sampler", "euler"], "--sampler must be one of"),
+        (["--ckpt", str(run), "--sampler", "euler"], "--sampler 'euler': choose from ddim, ddpm"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

@@ -2,6 +2,7 @@
 architecture clashes, torchrun on gloo, and that the model learns. CPU, a 16-channel `tiny` UNet at 32 px."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,9 +20,11 @@ from PIL import Image
 import train
 from diffusion import GaussianDiffusion
 from ema import EMA
-from train import ConfigError, TrainConfig, lr_factor, merge_resumed_config, parse_config
+import config
+from config import ConfigError
+from train import TrainConfig, lr_factor, merge_resumed_config
 from unet import UNet
-from utills import PAUSE_ENV, CheckpointWarning, list_checkpoints, load_checkpoint
+from utills import FORMAT_VERSION, NAN_ENV, PAUSE_ENV, CheckpointWarning, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = [sys.executable, str(ROOT / "train.py")]
@@ -31,6 +34,7 @@ FAST = ["--preset", "tiny", "--base-channels", "16", "--batch-size", "16", "--de
         "--lr", "1e-3", "--warmup", "2", "--sample-every", "0", "--num-workers", "1", "--log-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ENV.pop(PAUSE_ENV, None)
+ENV.pop(NAN_ENV, None)
 TIMEOUT = 240
 
 
@@ -46,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 def train_here(cmd: list[str]) -> Path | None:
     """Run a train_cmd() command line in this process (saves the start-up of a new one)."""
-    cfg, given = parse_config(TrainConfig, cmd[2:])
+    cfg, given = config.parse(TrainConfig, cmd[2:])
     return train.main(cfg, given)
 
 
@@ -152,8 +156,10 @@ def test_checkpoint_contents(reference: Path):
     assert (ckpt["step"], ckpt["epoch"], ckpt["images_seen"]) == (12, 1, 12 * 16)
     assert ckpt["config"]["base_channels"] == 16 and ckpt["model_config"]["base_channels"] == 16
     assert ckpt["ema"]["num_updates"] == 12 and ckpt["attributes"] == []
-    assert {"python", "numpy", "torch", "cuda", "noise"} <= set(ckpt["rng"])
-    assert ckpt["data_state"]["backend"] == "dali" and ckpt["data_state"]["epoch"] == 1
+    assert ckpt["format_version"] == FORMAT_VERSION
+    assert ckpt["rng"]["world_size"] == 1 and {"python", "numpy", "torch", "cuda", "noise"} <= set(ckpt["rng"]["ranks"][0])
+    data_state = ckpt["data_state"]["ranks"][0]
+    assert data_state["backend"] == "dali" and data_state["epoch"] == 1
     assert [p.name for p in list_checkpoints(reference)] == ["step-00000004.pt", "step-00000008.pt",
                                                              "step-00000012.pt"]
     assert json.loads((reference / "config.json").read_text())["steps"] == 12
@@ -218,11 +224,12 @@ def _cfg(shards: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_nan_losses_are_skipped_then_stop_the_run(shards: Path, tmp_path: Path):
+def test_nan_losses_are_skipped_then_stop_the_run(shards: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv(NAN_ENV, "3")  # the loss of step 3 and later is NaN
     with pytest.raises(FloatingPointError, match=r"NaN/inf for 3 consecutive steps \(now at step 5, non-finite "
                                                  r"since step 3\)"):
-        train.main(_cfg(shards, out, steps=20, ckpt_every=2, fault_nan_at_step=3, max_nonfinite=3))
+        train.main(_cfg(shards, out, steps=20, ckpt_every=2, max_nonfinite=3))
     # Checkpoints 2 and 4 were written, 4 after two skipped updates: its weights are step 2's, and finite.
     assert [p.name for p in list_checkpoints(out)] == ["step-00000002.pt", "step-00000004.pt"]
     c2, c4 = (load_checkpoint(p) for p in list_checkpoints(out))
@@ -233,9 +240,10 @@ def test_nan_losses_are_skipped_then_stop_the_run(shards: Path, tmp_path: Path):
     assert records[2]["loss"] is None
 
 
-def test_a_few_nan_losses_do_not_stop_the_run(shards: Path, tmp_path: Path):
+def test_a_few_nan_losses_do_not_stop_the_run(shards: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "run"
-    last = train.main(_cfg(shards, out, steps=5, ckpt_every=0, fault_nan_at_step=2, fault_nan_steps=2))
+    monkeypatch.setenv(NAN_ENV, "2:2")  # steps 2 and 3
+    last = train.main(_cfg(shards, out, steps=5, ckpt_every=0))
     assert last == out / "checkpoints" / "step-00000005.pt"
     load_checkpoint(last)  # verifies finite weights
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -259,7 +267,7 @@ def test_changed_batch_size_resumes_with_a_new_data_order(reference: Path, shard
     log = capsys.readouterr().out
     assert "batch_size: 16 -> 8" in log and "the data order restarts" in log
     ckpt = load_checkpoint(out / "checkpoints" / "step-00000014.pt")
-    assert ckpt["images_seen"] == 12 * 16 + 2 * 8 and ckpt["data_state"]["batch_size"] == 8
+    assert ckpt["images_seen"] == 12 * 16 + 2 * 8 and ckpt["data_state"]["ranks"][0]["batch_size"] == 8
 
 
 def test_resume_never_refuses_a_run_with_checkpoints(reference: Path, shards: Path, tmp_path: Path):
@@ -282,13 +290,15 @@ def test_merge_takes_architecture_from_the_checkpoint_and_reports_run_changes():
 
 
 def test_parse_config_flags_booleans_and_help(capsys):
-    cfg, given = parse_config(TrainConfig, ["--data", "d", "--batch-size", "8", "--no-ema-warmup", "--compile",
+    cfg, given = config.parse(TrainConfig, ["--data", "d", "--batch-size", "8", "--no-ema-warmup", "--compile",
                                             "--lr", "1e-3"])
     assert (cfg.data, cfg.batch_size, cfg.ema_warmup, cfg.compile, cfg.lr) == ("d", 8, False, True, 1e-3)
     assert given == {"data", "batch_size", "ema_warmup", "compile", "lr"}
     with pytest.raises(SystemExit):
-        parse_config(TrainConfig, ["--help"])
-    assert "images per step, summed over all ranks" in capsys.readouterr().out
+        config.parse(TrainConfig, ["--help"])
+    help_text = capsys.readouterr().out
+    assert "images per step, summed over all ranks" in help_text
+    assert "--fault" not in help_text and "test hook" not in help_text  # test hooks are not flags
 
 
 def test_bad_flags_are_one_line_errors(shards: Path, tmp_path: Path):
@@ -411,3 +421,25 @@ def test_cuda_channels_last_compile_bf16(shards: Path, tmp_path: Path):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     UNet(**ckpt["model_config"]).load_state_dict(ckpt["model"])
     assert (out / "samples" / "step-00000006.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------ format versions
+
+def test_a_version_0_run_resumes(shards: Path, tmp_path: Path, capsys):
+    """tests/fixtures/v0-run was written by the code before checkpoints carried a format version (see its README)."""
+    out = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "v0-run", out)
+    assert "format_version" not in torch.load(out / "checkpoints" / "step-00000002.pt", weights_only=True)
+    # The run's own config.json (with the test hooks it still holds, retired since) and flags that override it.
+    cfg, given = config.parse(TrainConfig, ["--config", str(out / "config.json"), "--data", str(shards), "--out",
+                                            str(out), "--steps", "4", "--sample-every", "4", "--sample-steps", "2"])
+    assert cfg.batch_size == 4 and cfg.base_channels == 8 and "batch_size" in given
+    last = train.main(cfg, given)
+    log = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoints' / 'step-00000002.pt'}" in log and "data order restarts" not in log
+    ckpt = load_checkpoint(last)
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["step"] == 4 and ckpt["images_seen"] == 4 * 4
+    assert ckpt["model_config"]["base_channels"] == 8 and ckpt["config"]["preset"] == "tiny"
+    assert (out / "samples" / "step-00000004.png").exists()
+    saved = json.loads((out / "config.json").read_text())
+    assert set(saved) == {f.name for f in dataclasses.fields(TrainConfig)} and "fault_nan_at_step" not in saved

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utills import (CheckpointError, CheckpointWarning, atomic_save, atomic_write_bytes, capture_rng, find_latest,
+from atomic import atomic_write
+from utills import (CheckpointError, CheckpointWarning, atomic_save, capture_rng, find_latest,
                     list_checkpoints, load_checkpoint, read_metrics, resolve_checkpoint, restore_rng, save_checkpoint)
 
 
@@ -58,12 +59,12 @@ def test_verification_rejects_garbage_missing_keys_and_nan(tmp_path):
         load_checkpoint(bad)
     incomplete = _ckpt(1)
     del incomplete["ema"]
-    atomic_save(incomplete, tmp_path / "incomplete.pt")
+    atomic_save(tmp_path / "incomplete.pt", incomplete)
     with pytest.raises(CheckpointError, match="missing keys ema"):
         load_checkpoint(tmp_path / "incomplete.pt")
     nan = _ckpt(1)
     nan["ema"]["shadow_params"][0][1, 1] = float("nan")
-    atomic_save(nan, tmp_path / "nan.pt")
+    atomic_save(tmp_path / "nan.pt", nan)
     with pytest.raises(CheckpointError, match="non-finite values in ema.shadow_params.0"):
         load_checkpoint(tmp_path / "nan.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
@@ -76,20 +77,20 @@ def test_verification_rejects_garbage_missing_keys_and_nan(tmp_path):
 
 
 def test_weights_only_refuses_arbitrary_objects(tmp_path):
-    atomic_save({**_ckpt(1), "config": argparse.Namespace(lr=1.0)}, tmp_path / "obj.pt")
+    atomic_save(tmp_path / "obj.pt", {**_ckpt(1), "config": argparse.Namespace(lr=1.0)})
     with pytest.raises(CheckpointError, match="cannot be loaded"):
         load_checkpoint(tmp_path / "obj.pt")
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
     path = tmp_path / "x.pt"
-    atomic_save({"a": 1}, path)
+    atomic_save(path, {"a": 1})
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
     with pytest.raises(RuntimeError):
-        atomic_save({"a": Unpicklable()}, path)
+        atomic_save(path, {"a": Unpicklable()})
     assert torch.load(path, weights_only=True) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
@@ -107,7 +108,7 @@ def test_rng_capture_restore_through_weights_only(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     random.random(); np.random.rand(); torch.rand(1)
-    atomic_save({"rng": capture_rng()}, tmp_path / "rng.pt")
+    atomic_save(tmp_path / "rng.pt", {"rng": capture_rng()})
     expected = (random.random(), np.random.rand(3), torch.rand(3), torch.randn(2))
     random.seed(99); np.random.seed(99); torch.manual_seed(99)
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
@@ -118,10 +119,10 @@ def test_rng_capture_restore_through_weights_only(tmp_path):
 
 
 
-def test_atomic_write_bytes_replaces_whole_file(tmp_path):
+def test_atomic_write_replaces_whole_file(tmp_path):
     path = tmp_path / "sub" / "config.json"
-    atomic_write_bytes(b'{"a": 1}', path)
-    atomic_write_bytes(b'{"a": 2}', path)
+    atomic_write(path, b'{"a": 1}')
+    atomic_write(path, b'{"a": 2}')
     assert path.read_bytes() == b'{"a": 2}'
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
 
@@ -131,3 +132,91 @@ def test_read_metrics_keeps_last_record_per_step(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 0.5)]
     assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+# ------------------------------------------------------------------------------------------- the checkpoint contract
+
+from pathlib import Path  # noqa: E402
+
+from diffusion import GaussianDiffusion  # noqa: E402
+from ema import EMA  # noqa: E402
+from unet import build_unet  # noqa: E402
+from utills import (FORMAT_VERSION, TrainState, load_model, make_checkpoint, pack_ranks,  # noqa: E402
+                    restore_checkpoint, this_rank, upgrade)
+
+V0_RUN = Path(__file__).resolve().parent / "fixtures" / "v0-run"
+
+
+def _train_state(seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = build_unet("tiny", image_size=16, base_channels=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    ema = EMA(model, decay=0.9)
+    model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).square().mean().backward()
+    optimizer.step()
+    scheduler.step()
+    ema.update()
+    return TrainState(model, ema, optimizer, torch.amp.GradScaler("cpu", enabled=False), scheduler, step=7, epoch=1,
+                      images_seen=56)
+
+
+def test_make_and_restore_checkpoint_round_trip(tmp_path):
+    state = _train_state(0)
+    ckpt = make_checkpoint(state, config={"lr": 1e-3}, diffusion_config=GaussianDiffusion(timesteps=100).config,
+                           image_size=16, attributes=[], data_states=[{"epoch": 1}, {"epoch": 1, "rank": 1}],
+                           rngs=[capture_rng(), capture_rng()])
+    assert ckpt["format_version"] == FORMAT_VERSION
+    path = save_checkpoint(tmp_path, ckpt, 7, keep=1)
+    loaded = load_checkpoint(path)
+    fresh = _train_state(1)
+    resumed = restore_checkpoint(loaded, fresh, rank=1, world_size=2)
+    assert (fresh.step, fresh.epoch, fresh.images_seen) == (7, 1, 56)
+    assert resumed.data_state == {"epoch": 1, "rank": 1} and set(resumed.rng) >= {"python", "numpy", "torch"}
+    for a, b in zip(state.model.state_dict().values(), fresh.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
+    # Another number of ranks: no position and no random states for this rank (the data order restarts).
+    resumed = restore_checkpoint(loaded, _train_state(2), rank=0, world_size=1)
+    assert resumed.data_state is None and resumed.rng is None
+
+
+def test_pack_ranks_and_this_rank():
+    packed = pack_ranks(["a", "b"])
+    assert packed == {"world_size": 2, "ranks": ["a", "b"]}
+    assert [this_rank(packed, r, 2) for r in (0, 1)] == ["a", "b"]
+    assert this_rank(packed, 0, 4) is None and this_rank(None, 0, 1) is None
+
+
+def test_version_0_layouts_are_upgraded():
+    single = {"step": 1, "rng": {"python": 1}, "data_state": {"epoch": 0}}
+    up = upgrade(single)
+    assert up["format_version"] == FORMAT_VERSION
+    assert up["rng"] == {"world_size": 1, "ranks": [{"python": 1}]} and this_rank(up["data_state"], 0, 1) == {"epoch": 0}
+    multi = {"step": 1, "rng": {"python": 0, "ranks": [{"python": 0}, {"python": 1}]},
+             "data_state": {"world_size": 2, "ranks": [{"rank": 0}, {"rank": 1}]}}
+    up = upgrade(multi)
+    assert this_rank(up["rng"], 1, 2) == {"python": 1} and this_rank(up["data_state"], 1, 2) == {"rank": 1}
+    with pytest.raises(CheckpointError, match="format version 99 is newer"):
+        upgrade({"format_version": 99})
+
+
+def test_the_version_0_fixture_loads_and_samples():
+    ckpt = load_checkpoint(V0_RUN / "checkpoints" / "step-00000002.pt")
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["rng"]["world_size"] == 1
+    loaded = load_model(V0_RUN)
+    assert (loaded.step, loaded.weights, loaded.image_size, loaded.conditional) == (2, "ema", 32, False)
+    x = loaded.diffusion.sample(loaded.model, (2, 3, 32, 32), steps=2,
+                                noise=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_checkpoint_keys_come_from_make_checkpoint(tmp_path):
+    """Every key a training checkpoint holds is one make_checkpoint writes (tiny_run's hand-made one included)."""
+    keys = set(make_checkpoint(_train_state(0), config={}, diffusion_config={}, image_size=16, attributes=[]))
+    assert keys >= {"format_version", "model", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch",
+                    "images_seen", "data_state", "rng", "config", "model_config", "diffusion_config", "image_size",
+                    "attributes", "versions"}
+    import tiny_run
+    run = tiny_run.conditional_run(type("F", (), {"getbasetemp": staticmethod(lambda: tmp_path)})())
+    assert set(load_checkpoint(list_checkpoints(run)[-1])) == keys

@@ -39,13 +39,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 
 
 def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder holding one checkpoint of an untrained conditional `tiny` UNet, built by hand per the contract
-    (checkpoint keys model, ema, step, config, model_config, diffusion_config, attributes)."""
+    """A run folder holding one checkpoint of an untrained conditional `tiny` UNet, made by utills.make_checkpoint
+    (the one function that builds checkpoints) without an optimizer: enough to sample, not to resume."""
     from diffusion import GaussianDiffusion
     from ema import EMA
     from fake_celeba import ATTRIBUTES
     from unet import build_unet
-    from utills import save_checkpoint
+    from utills import TrainState, make_checkpoint, run_paths, save_checkpoint
 
     run = tmp_path_factory.getbasetemp() / "sample-tests" / "cond-run"
     if (run / "DONE").exists():
@@ -59,11 +59,10 @@ def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     diffusion = GaussianDiffusion(timesteps=100)
     ema = EMA(model, decay=0.9)
     ema.update()
-    ckpt = {"model": model.state_dict(), "ema": ema.state_dict(), "step": 1, "epoch": 0, "images_seen": 0,
-            "config": {"preset": "tiny", "cond": True}, "model_config": model.config,
-            "diffusion_config": diffusion.config, "image_size": 16, "attributes": list(ATTRIBUTES),
-            "versions": {"torch": str(torch.__version__)}}
+    config = {"preset": "tiny", "cond": True}
+    ckpt = make_checkpoint(TrainState(model, ema, step=1), config=config, diffusion_config=diffusion.config,
+                           image_size=16, attributes=list(ATTRIBUTES))
     save_checkpoint(run, ckpt, step=1, keep=1)
-    (run / "config.json").write_text(json.dumps(ckpt["config"]) + "\n")
+    run_paths(run).config.write_text(json.dumps(config) + "\n")
     (run / "DONE").write_text("ok\n")
     return run
