@@ -26,7 +26,8 @@ from rich.console import Console
 import config
 from diffusion import GaussianDiffusion
 from images import save_grid
-from utills import atomic_write_bytes, read_metrics, run_paths
+from atomic import atomic_write
+from utills import read_metrics, run_paths
 
 console = Console(stderr=True)
 
@@ -91,7 +92,7 @@ def progress_gif(run: str | os.PathLike, frame_ms: int = 400, last_ms: int = 200
     buf = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [last_ms]
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return atomic_write_bytes(buf.getvalue(), paths.progress_gif)
+    return atomic_write(paths.progress_gif, buf.getvalue())
 
 
 def smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
@@ -139,7 +140,7 @@ def loss_plot(run: str | os.PathLike) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return atomic_write_bytes(buf.getvalue(), paths.loss_plot)
+    return atomic_write(paths.loss_plot, buf.getvalue())
 
 
 def run_pictures(run: str | os.PathLike) -> list[Path]:
