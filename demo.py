@@ -96,10 +96,13 @@ def main(cfg: DemoConfig) -> None:
          "--out", str(grid), "--trajectory", str(traj)])
     run([py, "pictures.py", "--progress-gif", str(run_dir)])
 
+    from utills import run_paths
+
+    paths = run_paths(run_dir)
     console.print("\n[bold green]demo done.[/] Pictures:")
-    for p in [noising, grid, traj, run_dir / "progress.gif", run_dir / "loss.png", run_dir / "samples"]:
+    for p in [noising, grid, traj, paths.progress_gif, paths.loss_plot, paths.samples]:
         console.print(f"  {p}")
-    console.print(f"  checkpoints: {run_dir / 'checkpoints'}   metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(f"  checkpoints: {paths.checkpoints}   metrics: {paths.metrics}")
 
 
 if __name__ == "__main__":

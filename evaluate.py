@@ -102,10 +102,10 @@ def sample_config(cfg: EvalConfig) -> SampleConfig:
 
 def run_folder(loaded: Loaded, ckpt: str) -> Path:
     """The run a checkpoint belongs to: RUN for RUN/checkpoints/step-*.pt, else the folder given or the file's."""
-    if Path(ckpt).is_dir() and not Path(ckpt).name == "checkpoints":
+    if Path(ckpt).is_dir() and Path(ckpt) != run_paths(Path(ckpt).parent).checkpoints:
         return Path(ckpt)
     parent = loaded.source.parent
-    return parent.parent if parent.name == "checkpoints" else parent
+    return parent.parent if parent == run_paths(parent.parent).checkpoints else parent
 
 
 def default_outdir(run: Path, loaded: Loaded, s: SampleConfig) -> Path:

@@ -138,6 +138,7 @@ def train_step_rates(shards: Path, cfg: BenchConfig, device: str = "cuda") -> li
     """A tiny-UNet training step fed by the DALI loader on `device`, and the same step on one fixed batch."""
     from diffusion import GaussianDiffusion
     from unet import build_unet
+    from utills import autocast
 
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -146,7 +147,7 @@ def train_step_rates(shards: Path, cfg: BenchConfig, device: str = "cuda") -> li
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, "bf16"):
             loss = diffusion.loss(model, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
