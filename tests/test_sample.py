@@ -168,3 +168,15 @@ def test_cli_errors_are_one_line(run: Path, tmp_path: Path):
             sample.cli(argv + ["--device", "cpu", "--out", str(tmp_path / "g.png")])
         assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
+
+
+def test_config_file_with_a_flag_overriding_it(run: Path, tmp_path: Path):
+    """`--config FILE` (YAML) sets the fields it names; a flag on the command line wins over the file."""
+    (tmp_path / "s.yaml").write_text(f"ckpt: {run}\nn: 4\nsteps: 3\nseed: 1\ndevice: cpu\nthreads: 1\n")
+    sample.cli(["--config", str(tmp_path / "s.yaml"), "--seed", "2", "--out", str(tmp_path / "a.png")])
+    sample.cli(["--ckpt", str(run), "--n", "4", "--steps", "3", "--seed", "2", "--device", "cpu",
+                "--out", str(tmp_path / "b.png")])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    (tmp_path / "bad.yaml").write_text("ckpt: x\nsteps: many\n")
+    with pytest.raises(SystemExit, match=r"^error: .*bad.yaml: steps: expected an integer, got 'many'"):
+        sample.cli(["--config", str(tmp_path / "bad.yaml")])
