@@ -45,7 +45,7 @@ from config import ConfigError
 from images import png_bytes, save_grid, to_uint8
 from atomic import atomic_write
 from utills import (PRECISIONS, CheckpointError, Loaded, autocast, export_safetensors, load_model, pick_device,
-                    set_threads, weights_digest)
+                    remove_stale_temporaries, set_threads, weights_digest)
 
 console = Console(stderr=True)
 
@@ -244,6 +244,8 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
     elif existing_images(outdir, n):
         raise SampleError(f"{outdir}: holds images but no {SETTINGS_FILE}; use an empty or new --outdir")
     atomic_write(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
+    for tmp in remove_stale_temporaries(outdir, ".*.tmp-*"):  # what a killed run was writing
+        console.print(f"removed {tmp.name}, left by an interrupted run")
 
     have = existing_images(outdir, n)
     todo = [(s, c) for s, c in batches(n, cfg.batch_size) if not all(i in have for i in range(s, s + c))]

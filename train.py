@@ -43,10 +43,10 @@ from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from images import save_grid
 from unet import PRESETS, UNet, build_unet
-from utills import (CheckpointError, RunPaths, TrainState, autocast, capture_rng, find_latest,
-                    list_checkpoints, load_checkpoint, make_checkpoint, nan_test_steps, pick_device,
+from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
+                    list_checkpoints, load_checkpoint, lock_run, make_checkpoint, nan_test_steps, pick_device,
                     resolve_checkpoint, resolve_precision, restore_checkpoint, restore_rng, run_paths,
-                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest)
+                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest, writing)
 
 
 @dataclass
@@ -118,6 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
     config.check(cfg)
     if cfg.steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("give --steps N or --epochs E")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out}: is a file, not a run folder")
 
 
 def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) -> tuple[TrainConfig, list[str]]:
@@ -282,7 +284,8 @@ class RunningStats:
         self.worst_streak = torch.maximum(self.worst_streak, self.streak)
 
     def read(self, ranks: Ranks, max_nonfinite: int, step: int, last_ckpt: Path | None) -> float | None:
-        """The mean loss over ranks since the last read (None if none was finite); raises when the streak is too long."""
+        """The mean loss over ranks since the last read (None if none was finite); raises when the NaN streak is too
+        long."""
         sums = torch.stack([self.loss_sum, self.loss_count])
         if ranks.world_size > 1:
             dist.all_reduce(sums)
@@ -324,7 +327,10 @@ def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, rank
             writer = cleanup.enter_context(SummaryWriter(str(run.tensorboard), purge_step=step + 1))
         except ImportError:
             console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
-    metrics_file = cleanup.enter_context(open(run.metrics, "a")) if ranks.is_main else None
+    metrics_file = None
+    if ranks.is_main:
+        with writing(run.metrics, run.root):
+            metrics_file = cleanup.enter_context(open(run.metrics, "a"))
     progress = cleanup.enter_context(Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal))
@@ -359,13 +365,15 @@ def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: 
             raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
         console.print(f"weights identical on {ranks.world_size} ranks at step {state.step}")
     if ranks.is_main:
+        path = run.checkpoint(state.step)
         ckpt = make_checkpoint(state, config=asdict(cfg), diffusion_config=diffusion.config,
                                image_size=loader.image_size, attributes=list(loader.attributes) if cfg.cond else [],
                                data_states=data_states, rngs=rngs)
         if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
             raise FloatingPointError(f"step {state.step}: the weights are not finite; not writing a checkpoint "
                                      f"over {last or 'the previous ones'}")
-        last = save_checkpoint(run.root, ckpt, state.step, cfg.keep)
+        with writing(path, run.root):
+            last = save_checkpoint(run.root, ckpt, state.step, cfg.keep)
         console.print(f"checkpoint: {last}")
     if ranks.world_size > 1:
         dist.barrier(group=ranks.control)
@@ -383,89 +391,99 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     console = Console(quiet=not ranks.is_main, highlight=False, soft_wrap=True)
     run = run_paths(cfg.out)
 
-    # Pick the checkpoint to continue from; architecture comes from it, run control from the command line.
-    ckpt_path, ckpt = find_resume(cfg, run)
-    if ckpt is not None:
-        cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
-        console.print(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
-        for change in changes:
-            console.print(f"  changed since the checkpoint: {change}")
-    precision = resolve_precision(cfg.precision, device)
-    show_config(console, cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}")
-
-    # Open this rank's part of the training data (continuing at the checkpoint's position), then build the model.
-    data_state = this_rank(ckpt["data_state"], ranks.rank, world_size) if ckpt is not None else None
-    if ckpt is not None and data_state is None:
-        console.print("[yellow]warning:[/] the number of ranks changed: the data order and the random streams restart")
-    loader = open_loader(cfg, ranks, data_state, console)
-    total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
-    model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
-                                  min_snr_gamma=cfg.min_snr_gamma or None).to(device)
-    console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                  f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
-    if ranks.is_main:  # only now that the data and the checkpoint have been accepted
-        atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
-
-    # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i, cfg.warmup, total_steps, cfg.lr_schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
-    amp = autocast(device, precision)
-    # t, the noise and the unconditional rows come from this generator, so its state is part of the checkpoint.
-    noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1))
-    torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks differ across ranks
-    np.random.seed(cfg.seed + ranks.rank)
-
-    # Restore everything a step depends on, the random states last.
-    if ckpt is not None:
-        resumed = restore_checkpoint(ckpt, state, rank=ranks.rank, world_size=world_size)
-        set_run_lr(optimizer, scheduler, cfg, total_steps)
-        if resumed.rng is not None:
-            noise_gen.set_state(resumed.rng["noise"])
-            restore_rng(resumed.rng)
-        else:  # a new number of ranks: fresh streams, apart from those of the first start
-            noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
-        if ranks.is_main:
-            trim_metrics(run.metrics, state.step)
-    del ckpt  # the restored state lives in the objects now; free the copies
-
-    # Wrap for training: DDP across ranks, then torch.compile; checkpoints always come from the plain `model`.
-    net: torch.nn.Module = model
-    if world_size > 1:
-        net = DistributedDataParallel(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # Fixed noise for the sample grids: the same 64 starting points every time, so the grids show progress.
-    sample_noise = torch.randn((64, model.config["in_channels"], loader.image_size, loader.image_size),
-                               generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-
-    # Logs, signal handlers and the process group are undone by `cleanup` however the loop ends.
-    cleanup = contextlib.ExitStack()
-    if world_size > 1:
-        cleanup.callback(dist.destroy_process_group)
-    metrics_file, writer, progress, task = open_logs(cfg, run, state.step, total_steps, ranks, console, cleanup)
-    stop_signal = catch_stop_signals(cleanup)
-    stats = RunningStats(device)
-    nan_fault = nan_test_steps()
-    grad_norm = torch.zeros((), device=device)
-    lr = optimizer.param_groups[0]["lr"]
-    last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
-    saved_step, ckpt_written = -1, None
-    batches = iter(loader)
-    if state.step >= total_steps:
-        console.print(f"already at step {state.step} of {total_steps}; nothing to train")
-
+    # One trainer per run folder: rank 0 holds the folder's lock until the process ends, before anything is written.
+    refused, cleanup = None, contextlib.ExitStack()
+    if ranks.is_main:
+        try:
+            cleanup.callback(lock_run(run).close)
+        except RunLocked as e:
+            refused = e
+    if ranks.any(refused is not None):
+        raise refused or RunLocked(f"{run.root}: rank 0 could not lock the run folder")
     with cleanup:
+        # Pick the checkpoint to continue from; architecture comes from it, run control from the command line.
+        ckpt_path, ckpt = find_resume(cfg, run)
+        if ckpt is not None:
+            cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
+            console.print(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
+            for change in changes:
+                console.print(f"  changed since the checkpoint: {change}")
+        precision = resolve_precision(cfg.precision, device)
+        show_config(console, cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}")
+
+        # Open this rank's part of the training data (continuing at the checkpoint's position), then build the model.
+        data_state = this_rank(ckpt["data_state"], ranks.rank, world_size) if ckpt is not None else None
+        if ckpt is not None and data_state is None:
+            console.print("[yellow]warning:[/] the number of ranks changed: the data order and random streams restart")
+        loader = open_loader(cfg, ranks, data_state, console)
+        total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
+        model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
+                                      min_snr_gamma=cfg.min_snr_gamma or None).to(device)
+        console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
+        if ranks.is_main:  # only now that the data and the checkpoint have been accepted
+            with writing(run.config, run.root):
+                atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+
+        # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: lr_factor(i, cfg.warmup, total_steps, cfg.lr_schedule))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
+        amp = autocast(device, precision)
+        # t, the noise and the unconditional rows come from this generator, so its state is part of the checkpoint.
+        noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1))
+        torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks differ across ranks
+        np.random.seed(cfg.seed + ranks.rank)
+
+        # Restore everything a step depends on, the random states last.
+        if ckpt is not None:
+            resumed = restore_checkpoint(ckpt, state, rank=ranks.rank, world_size=world_size)
+            set_run_lr(optimizer, scheduler, cfg, total_steps)
+            if resumed.rng is not None:
+                noise_gen.set_state(resumed.rng["noise"])
+                restore_rng(resumed.rng)
+            else:  # a new number of ranks: fresh streams, apart from those of the first start
+                noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
+            if ranks.is_main:
+                with writing(run.metrics, run.root):
+                    trim_metrics(run.metrics, state.step)
+        del ckpt  # the restored state lives in the objects now; free the copies
+
+        # Wrap for training: DDP across ranks, then torch.compile; checkpoints always come from the plain `model`.
+        net: torch.nn.Module = model
+        if world_size > 1:
+            net = DistributedDataParallel(model, device_ids=[ranks.local_rank] if device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+        # Fixed noise for the sample grids: the same 64 starting points every time, so the grids show progress.
+        sample_noise = torch.randn((64, model.config["in_channels"], loader.image_size, loader.image_size),
+                                   generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+        # Logs, signal handlers, the lock and the process group are undone by `cleanup` however the run ends.
+        if world_size > 1:
+            cleanup.callback(dist.destroy_process_group)
+        metrics_file, writer, progress, task = open_logs(cfg, run, state.step, total_steps, ranks, console, cleanup)
+        stop_signal = catch_stop_signals(cleanup)
+        stats = RunningStats(device)
+        nan_fault = nan_test_steps()
+        grad_norm = torch.zeros((), device=device)
+        lr = optimizer.param_groups[0]["lr"]
+        last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
+        saved_step, ckpt_written = -1, None
+        batches = iter(loader)
+        if state.step >= total_steps:
+            console.print(f"already at step {state.step} of {total_steps}; nothing to train")
+
         while state.step < total_steps:
             # Fetch the next batch; an exhausted loader starts the next epoch.
             t0 = time.perf_counter()
@@ -528,8 +546,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 if device.type == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if ranks.is_main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    with writing(run.metrics, run.root):
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
                     if writer is not None:
                         for key, value in record.items():
                             if key not in ("step", "epoch") and value is not None:
@@ -548,7 +567,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                     grid = diffusion.sample(model, tuple(sample_noise.shape), sampler="ddim",
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
                 model.train()
-                grid_path = save_grid(grid, run.sample_grid(step), nrow=8)
+                with writing(run.sample_grid(step), run.root):
+                    grid_path = save_grid(grid, run.sample_grid(step), nrow=8)
                 if writer is not None:
                     writer.add_images("samples", (grid.clamp(-1, 1) + 1) / 2, step)
                 console.print(f"samples: {grid_path}")
@@ -573,7 +593,7 @@ if __name__ == "__main__":
     try:
         main(*config.parse(TrainConfig))
     except (ConfigError, CheckpointError, DataError, ShardReadError, DaliMissingError, FileNotFoundError,
-            FloatingPointError) as e:
+            FloatingPointError, RunLocked, WriteError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

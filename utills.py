@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import platform
+from collections.abc import Iterator
 from typing import Callable
 
 import numpy as np
@@ -50,8 +51,8 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Test hooks: environment variables read here and nowhere else, so that they stay out of every config, --help and
 # checkpoint. DDPM_TEST_PAUSE_BEFORE_RENAME=S sleeps S seconds after a checkpoint's temporary file is durable and
-# before the rename (a test kills the run mid-write); DDPM_TEST_NAN_STEPS="A" or "A:N" makes the loss of step A (1-based)
-# and later, or of N steps from A, NaN (the non-finite guard's tests).
+# before the rename (a test kills the run mid-write); DDPM_TEST_NAN_STEPS="A" or "A:N" makes the loss of step A
+# (1-based) and later, or of N steps from A, NaN (the non-finite guard's tests).
 PAUSE_ENV = "DDPM_TEST_PAUSE_BEFORE_RENAME"
 NAN_ENV = "DDPM_TEST_NAN_STEPS"
 
@@ -98,6 +99,10 @@ class RunPaths:
     @property
     def eval_json(self) -> Path:  # evaluate.py's latest result (each result is also appended to eval.jsonl)
         return self.root / "eval.json"
+
+    @property
+    def lock(self) -> Path:  # held by the live trainer (lock_run)
+        return self.root / ".lock"
 
     @property
     def progress_gif(self) -> Path:
@@ -157,9 +162,113 @@ def _pause_before_rename() -> None:
         time.sleep(float(os.environ[PAUSE_ENV]))
 
 
+class _OSErrorKept:
+    """A file whose write errors are remembered: torch.save's zip writer turns an OSError (ENOSPC) from the file into
+    "RuntimeError: [enforce fail at inline_container.cc] . unexpected pos", and we want the OSError back."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(path: str | os.PathLike, obj: Any) -> Path:
-    """torch.save `obj` to `path` atomically (atomic.atomic_write: temp file, fsync, rename, fsync the folder)."""
-    return atomic_write(path, lambda f: torch.save(obj, f), before_replace=_pause_before_rename)
+    """torch.save `obj` to `path` atomically (atomic.atomic_write: temp file, fsync, rename, fsync the folder).
+
+    A failed write (disk full, quota, I/O error) raises the OSError itself and leaves no temporary file."""
+    def save(f: Any) -> None:
+        kept = _OSErrorKept(f)
+        try:
+            torch.save(obj, kept)
+        except RuntimeError:
+            if kept.error is not None:
+                raise kept.error from None
+            raise
+    return atomic_write(path, save, before_replace=_pause_before_rename)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Remove atomic_write's temporary files (NAME.tmp-PID) in `folder` left by processes that are gone (a kill);
+    those of live processes, this one included, are never touched. Returns the files removed."""
+    removed = []
+    for tmp in Path(folder).glob(pattern):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+class WriteError(RuntimeError):
+    """An OS error (disk full, quota, I/O) while writing a run's file: one line naming the file, the error and the
+    newest intact checkpoint."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn an OSError raised in the block into a WriteError naming `path`, the error and, with `run_dir`, the newest
+    checkpoint there that is complete (atomic writes leave the previous one intact and no partial file)."""
+    try:
+        yield
+    except OSError as e:
+        last = list_checkpoints(run_dir) if run_dir is not None else []
+        where = f"; the last intact checkpoint is {last[-1]}" if last else ""
+        if run_dir is not None and not last:
+            where = "; no checkpoint written yet"
+        raise WriteError(f"{path}: {e.strerror or e} (errno {e.errno}) while writing{where}") from None
+
+
+class RunLocked(RuntimeError):
+    """Another live process trains in this run folder (one line naming it)."""
+
+
+def lock_run(run: RunPaths) -> Any:
+    """Hold an exclusive lock on the run folder for the life of this process (or until the returned file is closed).
+
+    The OS's advisory lock (flock) on RUN/.lock, which the kernel releases when the process dies, so a kill -9 never
+    leaves a stale lock on a local disk. The file names the holder (host, PID, start time) for the refusal message.
+    On a file system without working locks (some network file systems) this warns and goes on unlocked.
+    """
+    import fcntl
+    import socket
+
+    run.root.mkdir(parents=True, exist_ok=True)
+    f = open(run.lock, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunLocked(f"{run.root}: in use by another train.py ({holder}); wait for it to end or use another "
+                        f"--out") from None
+    except OSError as e:  # ENOLCK / EOPNOTSUPP: the file system cannot lock
+        warnings.warn(f"{run.lock}: cannot lock the run folder ({e.strerror}); nothing stops a second trainer from "
+                      f"using it at the same time", stacklevel=2)
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, PID {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.flush()
+    return f
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
@@ -186,10 +295,7 @@ def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int
     least one complete checkpoint. Temporary files left by an earlier killed write are removed as well.
     """
     path = atomic_save(checkpoint_path(run_dir, step), ckpt)
-    folder = path.parent
-    for stale in folder.glob(".step-*.pt.tmp-*"):
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path.parent, ".step-*.pt.tmp-*")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != path:
@@ -225,9 +331,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, unpickling refused: all mean "not a usable checkpoint"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        # weights_only refusals explain themselves on the "Unsupported global" line, not the first one.
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
-        raise CheckpointError(f"{path}: cannot be loaded ({reason[:200]})") from None
+        if "Weights only load failed" in lines[0]:
+            # PyTorch's own text suggests weights_only=False; say plainly what that would mean instead.
+            what = next((line for line in lines if "GLOBAL" in line or "global" in line), "").rstrip(".")
+            raise CheckpointError(f"{path}: refused and not loaded: the file holds Python objects that would run code "
+                                  f"when unpickled, which no checkpoint of this project does ({what[:160]})") from None
+        raise CheckpointError(f"{path}: cannot be loaded ({lines[0][:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (found {type(ckpt).__name__})")
     ckpt = upgrade(ckpt, path)
@@ -447,7 +556,7 @@ def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.devi
     path = resolve_checkpoint(path)
     ckpt_dict = load_checkpoint(path)
     model_config, diffusion_config = dict(ckpt_dict["model_config"]), dict(ckpt_dict["diffusion_config"])
-    model = UNet(**model_config)
+    model, diffusion = _build(path, model_config, diffusion_config)
     try:
         model.load_state_dict(ckpt_dict["model"])
         if use_ema:
@@ -456,9 +565,17 @@ def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.devi
             ema.copy_to(model)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
-                  list(ckpt_dict.get("attributes") or []), path, int(ckpt_dict.get("step", -1)),
-                  "ema" if use_ema else "raw", model_config, diffusion_config)
+    return Loaded(model.to(device).eval(), diffusion.to(device), list(ckpt_dict.get("attributes") or []), path,
+                  int(ckpt_dict.get("step", -1)), "ema" if use_ema else "raw", model_config, diffusion_config)
+
+
+def _build(path: Path, model_config: Any, diffusion_config: Any) -> tuple[UNet, GaussianDiffusion]:
+    """The UNet and the diffusion a file's configs describe; configs that do not build are one line naming the file."""
+    try:
+        return UNet(**model_config), GaussianDiffusion(**diffusion_config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path}: the stored model or diffusion config does not build a model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
 def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> Loaded:
@@ -480,15 +597,20 @@ def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> 
     weights = meta.get("weights", "ema")
     if not use_ema and weights == "ema":
         raise CheckpointError(f"{path}: holds EMA weights only; --no-ema needs the run's checkpoint")
-    model_config, diffusion_config = json.loads(meta["model_config"]), json.loads(meta["diffusion_config"])
-    model = UNet(**model_config)
+    try:
+        model_config, diffusion_config = json.loads(meta["model_config"]), json.loads(meta["diffusion_config"])
+        attributes, step = json.loads(meta.get("attributes", "[]")), int(meta.get("step", -1))
+        if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
+            raise ValueError("attributes is not a list of names")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable metadata ({str(e).splitlines()[0][:200]})") from None
+    model, diffusion = _build(path, model_config, diffusion_config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), GaussianDiffusion(**diffusion_config).to(device),
-                  json.loads(meta.get("attributes", "[]")), path, int(meta.get("step", -1)), weights,
-                  model_config, diffusion_config)
+    return Loaded(model.to(device).eval(), diffusion.to(device), attributes, path, step, weights, model_config,
+                  diffusion_config)
 
 
 def export_safetensors(loaded: Loaded, path: str | os.PathLike) -> Path:
