@@ -36,7 +36,7 @@ from config import ConfigError
 from metrics import FeatureNet, FeatureStats, MetricsError
 from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
 from atomic import atomic_write
-from utills import CheckpointError, Loaded, load_model, pick_device, run_paths, set_threads
+from utills import CheckpointError, Loaded, WriteError, load_model, pick_device, run_paths, set_threads, writing
 
 METRICS = ("fid", "kid")
 SPLITS = ("train", "valid", "test", "all")
@@ -213,7 +213,8 @@ def reference_stats(cfg: EvalConfig, net: FeatureNet, image_size: int) -> tuple[
         except (OSError, ValueError, KeyError) as e:
             console.print(f"[yellow]warning:[/] {path}: unreadable cache ({e}); computing again")
     stats = feature_stats(reference_images(tars, count), count, net, cfg, f"reference {cfg.ref_split}")
-    atomic_write(path, stats.to_bytes())
+    with writing(path):
+        atomic_write(path, stats.to_bytes())
     return stats, {**info, "cache": str(path)}
 
 
@@ -277,8 +278,9 @@ def main(cfg: EvalConfig) -> dict:
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     })
     out = Path(cfg.out) if cfg.out else run_paths(run).eval_json
-    atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
-    with open(out.with_suffix(".jsonl"), "a") as f:
+    with writing(out):
+        atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
+    with writing(out.with_suffix(".jsonl")), open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
     shown = "  ".join([f"FID {result['fid']:.3f}"] if "fid" in result else [])
     if "kid" in wanted:
@@ -291,7 +293,8 @@ def main(cfg: EvalConfig) -> dict:
 def cli(argv: list[str] | None = None) -> None:
     try:
         main(config.parse(EvalConfig, argv)[0])
-    except (EvalError, ConfigError, MetricsError, SampleError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (EvalError, ConfigError, MetricsError, SampleError, CheckpointError, WriteError, FileNotFoundError,
+            ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

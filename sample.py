@@ -41,11 +41,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import config
+from atomic import atomic_write
 from config import ConfigError
 from images import png_bytes, save_grid, to_uint8
-from atomic import atomic_write
-from utills import (PRECISIONS, CheckpointError, Loaded, autocast, export_safetensors, load_model, pick_device,
-                    remove_stale_temporaries, set_threads, weights_digest)
+from utills import (PRECISIONS, CheckpointError, Loaded, WriteError, autocast, export_safetensors, load_model,
+                    pick_device, remove_stale_temporaries, set_threads, weights_digest, writing)
 
 console = Console(stderr=True)
 
@@ -243,7 +243,8 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
                               f"{settings.get(k)!r} now); use another --outdir")
     elif existing_images(outdir, n):
         raise SampleError(f"{outdir}: holds images but no {SETTINGS_FILE}; use an empty or new --outdir")
-    atomic_write(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
+    with writing(settings_path):
+        atomic_write(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     for tmp in remove_stale_temporaries(outdir, ".*.tmp-*"):  # what a killed run was writing
         console.print(f"removed {tmp.name}, left by an interrupted run")
 
@@ -256,7 +257,8 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
             pictures = to_uint8(sample_images(loaded, cfg, start, count))
             for k, picture in enumerate(pictures):
                 if start + k not in have:
-                    atomic_write(outdir / f"{start + k:06d}.png", png_bytes(picture))
+                    with writing(outdir / f"{start + k:06d}.png"):
+                        atomic_write(outdir / f"{start + k:06d}.png", png_bytes(picture))
                     made += 1
             bar.advance(task, count)
     return made
@@ -270,7 +272,8 @@ def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike)
     _, traj = sample_images(loaded, cfg, 0, rows, return_trajectory=True)
     columns = [noise.clamp(-1, 1)] + traj
     strip = torch.stack(columns, dim=1).reshape(rows * len(columns), *noise.shape[1:])  # row-major: one row per image
-    return save_grid(strip, path, nrow=len(columns), padding=2)
+    with writing(path):
+        return save_grid(strip, path, nrow=len(columns), padding=2)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -291,10 +294,12 @@ def main(cfg: SampleConfig) -> list[Path]:
     parse_attrs(cfg.attrs, loaded)  # fail before any sampling
 
     if cfg.export:
-        wrote.append(export_safetensors(loaded, cfg.export))
+        with writing(cfg.export):
+            wrote.append(export_safetensors(loaded, cfg.export))
     if cfg.out:
         images = sample_n(loaded, cfg)
-        wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
+        with writing(cfg.out):
+            wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
     if cfg.outdir:
         made = write_outdir(loaded, cfg, cfg.outdir)
         console.print(f"{cfg.outdir}: made {made} images, {cfg.n - made} were already there")
@@ -317,7 +322,7 @@ def cli(argv: list[str] | None = None) -> None:
         return pictures.cli(args)
     try:
         main(config.parse(SampleConfig, args)[0])
-    except (SampleError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (SampleError, ConfigError, CheckpointError, WriteError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

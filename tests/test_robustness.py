@@ -126,6 +126,19 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resumes(shards: Path, sma
     assert f"resuming from {step2}" in proc.stdout and load_checkpoint(list_checkpoints(out)[-1])["step"] == 6
 
 
+def test_disk_full_while_sampling_is_one_line(small_disk: Path, tmp_path: Path):
+    import sample
+    from tiny_run import conditional_run
+
+    run_dir = conditional_run(type("F", (), {"getbasetemp": staticmethod(lambda: tmp_path)})())
+    (small_disk / "filler").write_bytes(b"\0" * (7 * 2**20 - 4096))  # one page left: less than a grid needs
+    grid = small_disk / "grid.png"
+    with pytest.raises(SystemExit) as e:
+        sample.cli(["--ckpt", str(run_dir), "--n", "64", "--steps", "1", "--device", "cpu", "--out", str(grid)])
+    assert str(e.value) == f"error: {grid}: No space left on device (errno 28) while writing"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("flags, message", [
