@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from data import DaliMissingError, DataError, ShardReadError, make_loader
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from images import save_grid
+from training import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
 from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
                     list_checkpoints, load_checkpoint, lock_run, make_checkpoint, nan_test_steps, pick_device,
@@ -429,8 +429,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
         # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      fused=device.type == "cuda")
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: lr_factor(i, cfg.warmup, total_steps, cfg.lr_schedule))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -476,8 +475,6 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         stop_signal = catch_stop_signals(cleanup)
         stats = RunningStats(device)
         nan_fault = nan_test_steps()
-        grad_norm = torch.zeros((), device=device)
-        lr = optimizer.param_groups[0]["lr"]
         last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
         saved_step, ckpt_written = -1, None
         batches = iter(loader)
@@ -498,33 +495,16 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             cond = batch["attr"].float() if cfg.cond else None
 
-            # Forward and backward under autocast; the diffusion maths runs in fp32 inside loss().
-            with amp:
-                loss = diffusion.loss(net, x0, cond=cond, p_uncond=cfg.p_uncond if cfg.cond else 0.0,
-                                      generator=noise_gen)
-            if nan_fault(state.step + 1):
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-
-            # Unscale, clip by the global norm, and update unless the gradients are not finite.
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # One step: loss under autocast, scaled backward, clipping, the update, the schedule and the EMA.
             lr = optimizer.param_groups[0]["lr"]
-            if scaler.is_enabled():
-                scaler.step(optimizer)  # skips the update on inf/NaN gradients and lowers the scale
-                scaler.update()
-            elif bool(torch.isfinite(grad_norm)):  # one read-back per step: bf16/fp32 have no scaler to skip for us
-                optimizer.step()
-            with warnings.catch_warnings():  # stepping the schedule after a skipped update is intended
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
+            loss, grad_norm = train_step(net, state, diffusion, x0, amp=amp, generator=noise_gen, cond=cond,
+                                         p_uncond=cfg.p_uncond if cfg.cond else 0.0, grad_clip=cfg.grad_clip,
+                                         poison=nan_fault(state.step + 1))
 
-            # Update the EMA and the running statistics; agree across ranks whether a signal asked us to stop.
-            state.ema.update()
+            # Update the running statistics; agree across ranks whether a signal asked us to stop.
             state.step += 1
             state.images_seen += cfg.batch_size
-            stats.add(loss.detach())
+            stats.add(loss)
             progress.update(task, completed=state.step)
             stopping = ranks.any(bool(stop_signal))
             step = state.step
