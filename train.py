@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/celeba"  # run folder: config.json, checkpoints/, samples/, metrics.jsonl
     loader: str = "dali"  # data pipeline: dali | torch
     num_workers: int = -1  # DALI CPU threads or torch DataLoader workers (-1 = the loader's default)
+    verify_data: bool = True  # check every shard's sha256 against the manifest before the first step
     # Model and diffusion: the architecture, fixed by the checkpoint when resuming.
     preset: str = "celeba64"  # UNet preset: tiny | small64 | celeba64 | celeba128
     base_channels: int = 0  # override the preset's base width (0 = the preset's)
@@ -214,7 +215,7 @@ def find_resume(cfg: TrainConfig, run: RunPaths) -> tuple[Path | None, dict | No
 def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, console: Console):
     """This rank's part of the training data, continuing at `data_state` when it still fits the flags."""
     args = dict(split="train", backend=cfg.loader, device=ranks.device, shuffle=True, flip=True, seed=cfg.seed,
-                rank=ranks.rank, world_size=ranks.world_size, drop_last=True,
+                rank=ranks.rank, world_size=ranks.world_size, drop_last=True, verify=cfg.verify_data,
                 num_threads=None if cfg.num_workers < 0 else cfg.num_workers)
     try:
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args, state=data_state)
@@ -264,6 +265,30 @@ def set_run_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sched
     for group in optimizer.param_groups:
         group["initial_lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
         group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg.warmup, total_steps, cfg.lr_schedule)
+
+
+class ShardWatch:
+    """The training shards' sizes and modification times at start-up (after their checksums were verified): a shard
+    changed while training (rewritten, damaged, replaced) stops the run at the next epoch or checkpoint with one line
+    naming it, rather than training on whatever it now holds."""
+
+    def __init__(self, loader):
+        self.files = [loader.data_dir / s[key] for s in loader.shards for key in ("tar", "idx")]
+        self.stamps = [self._stamp(f) for f in self.files]
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def check(self) -> None:
+        for path, stamp in zip(self.files, self.stamps):
+            if self._stamp(path) != stamp:
+                raise ShardReadError(f"{path}: changed while training (size or modification time differs from "
+                                     f"start-up); stopping (the checkpoints so far are kept); re-run prepare_shards.py")
 
 
 class RunningStats:
@@ -416,6 +441,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         if ckpt is not None and data_state is None:
             console.print("[yellow]warning:[/] the number of ranks changed: the data order and random streams restart")
         loader = open_loader(cfg, ranks, data_state, console)
+        watch = ShardWatch(loader)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
         model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
         if cfg.channels_last:
@@ -487,6 +513,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             state.epoch = loader.epoch  # the epoch this batch belongs to
             batch = next(batches, None)
             if batch is None:
+                watch.check()
                 batches = iter(loader)
                 continue
             data_wait += time.perf_counter() - t0
@@ -555,6 +582,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.
             if checkpoint_now and saved_step != step:
+                watch.check()
                 ckpt_written = write_checkpoint(run, state, cfg, ranks, loader, diffusion, noise_gen, console,
                                                 ckpt_written)
                 saved_step = step

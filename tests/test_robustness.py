@@ -96,6 +96,52 @@ def test_only_temporaries_of_dead_processes_are_removed(tmp_path: Path):
     assert mine.exists() and not gone.exists()
 
 
+# ------------------------------------------------------------------------------------------------ damaged shards
+
+def damaged_copy(shards: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shards with 64 bytes flipped inside the first JPEG of the second training tar."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    tar = copy / "train-000001.tar"
+    idx_line = (copy / "train-000001.idx").read_text().splitlines()[1].split()
+    offset = int(idx_line[idx_line.index("jpg") + 1]) + 600  # inside the entropy-coded data, past the headers
+    data = bytearray(tar.read_bytes())
+    data[offset:offset + 64] = bytes(b ^ 0xFF for b in data[offset:offset + 64])
+    tar.write_bytes(bytes(data))
+    return copy, tar
+
+
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_a_damaged_jpeg_stops_before_the_first_step(shards: Path, tmp_path: Path, loader: str):
+    copy, tar = damaged_copy(shards, tmp_path)
+    out = tmp_path / "run"
+    cmd = train_cmd(copy, out, 4, "--ckpt-every", "2")
+    cmd[cmd.index("--loader") + 1] = loader
+    line = one_line_error(run(cmd))
+    assert line == f"error: {tar}: sha256 differs from the manifest (corrupt or rewritten); re-run prepare_shards.py"
+    assert not (out / "metrics.jsonl").exists() and not list_checkpoints(out)
+    # --no-verify-data skips the check (for a user who knows the data and wants the start-up time back).
+    assert "sha256 differs" not in run([*cmd, "--no-verify-data"]).stderr
+
+
+def test_a_shard_changed_while_training_stops_the_run(shards: Path, tmp_path: Path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(copy, out, 1000, "--ckpt-every", "2"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: bool(list_checkpoints(out)), proc, "the first checkpoint")
+    tar = copy / "train-000002.tar"
+    data = bytearray(tar.read_bytes())
+    data[5000:5064] = bytes(64)
+    tar.write_bytes(bytes(data))
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 1 and stderr.strip().splitlines() == [
+        f"error: {tar}: changed while training (size or modification time differs from start-up); stopping (the "
+        f"checkpoints so far are kept); re-run prepare_shards.py"]
+    assert list_checkpoints(out) and load_checkpoint(list_checkpoints(out)[-1])["step"] >= 2
+
+
 # ------------------------------------------------------------------------------------------------ disk full
 
 @pytest.fixture
