@@ -3,7 +3,7 @@
     loader = make_loader("shards", 256, backend="dali", device="cuda", dtype=torch.float16)
     for batch in loader:             # one epoch; iterate again for the next, with a new shuffle
         x = batch["image"]           # [B, 3, S, S] in [-1, 1], dtype, on device
-        a = batch["attr"]            # [B, 40] int64 0/1 (when the shards have attributes)
+        a = batch["attr"]            # [B, A] int64 0/1, A = len(loader.attributes) (when the shards have them)
     ckpt["data_state"] = loader.state_dict()          # plain values and bytes: weights_only-safe
     make_loader("shards", 256, state=ckpt["data_state"])  # continues with exactly the batches that came next
 
@@ -11,7 +11,7 @@ Both backends give rank r of W the same contiguous part of the split (DALI's sti
 [floor(r N / W), floor((r+1) N / W)) of the split's samples in manifest order), each sample once per epoch.
 
 - "dali": fn.readers.webdataset over the tars and their DALI indexes, JPEG decode on the GPU ("mixed") or the CPU,
-  a coin flip and crop_mirror_normalize to CHW. The reader shuffles in a buffer of `initial_fill` samples (the
+  a coin flip and crop_mirror_normalize to CHW. The reader shuffles in a buffer of INITIAL_FILL samples (the
   shards are already shuffled on disk). The position (reader, shuffle RNG, flip RNG, iterator counters) is DALI's
   own checkpoint, taken from the iterator.
 - "torch": a global permutation of this rank's samples per epoch from (seed, epoch, rank), flips from
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import json
 import math
 import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
 import os
@@ -39,17 +38,17 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from prepare_shards import sha256_file
+from manifest import MANIFEST, ManifestError, attribute_names, read_manifest, sha256_file
 
-MANIFEST = "manifest.json"
 INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
+PREFETCH = 3  # DALI's prefetch_queue_depth: batches prepared ahead
 HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default; untuned here)
 DALI_PIP = "pip install nvidia-dali-cuda130 (CUDA 13 drivers) or nvidia-dali-cuda120 (CUDA 12 drivers)"
 STATE_KEYS = ("backend", "split", "seed", "rank", "world_size", "batch_size", "shuffle", "flip", "drop_last",
-              "num_samples", "keys")
+              "num_samples")
 
 
-class DataError(ValueError):
+class DataError(ManifestError):
     """Bad shards, manifest or arguments: a one-line message naming the file."""
 
 
@@ -62,25 +61,7 @@ class DaliMissingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Manifest and start-up checks
-
-
-def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest.json of a shard folder, checked for the fields the loaders use."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest here (make shards with prepare_shards.py)")
-    try:
-        manifest = json.loads(path.read_text())
-        size, fmt, splits = int(manifest["size"]), manifest["format"], manifest["splits"]
-        if not isinstance(splits, dict) or fmt not in ("jpg", "png") or size <= 0:
-            raise ValueError("bad 'size', 'format' or 'splits'")
-        for name, split in splits.items():
-            for shard in split["shards"]:
-                _ = shard["tar"], shard["idx"], int(shard["count"]), int(shard["bytes"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
-    return manifest
+# Start-up checks
 
 
 def _check_shards(data_dir: Path, manifest: dict, split: str, verify: bool) -> list[dict]:
@@ -146,14 +127,14 @@ class Loader:
 
     def __init__(self, data_dir: Path, manifest: dict, shards: list[dict], batch_size: int, *, split: str,
                  device: torch.device, shuffle: bool, flip: bool, seed: int, rank: int, world_size: int,
-                 dtype: torch.dtype, drop_last: bool, num_threads: int | None, keys: bool):
+                 dtype: torch.dtype, drop_last: bool, num_threads: int | None):
         self.data_dir, self.shards, self.split = data_dir, shards, split
         self.image_size = int(manifest["size"])
         self.format = manifest["format"]
-        self.attributes = list(manifest.get("attributes") or [])
+        self.attributes = attribute_names(manifest)
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shuffle, self.flip, self.seed, self.drop_last = shuffle, flip, seed, drop_last
-        self.rank, self.world_size, self.num_threads, self.keys = rank, world_size, num_threads, keys
+        self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
         self.total = sum(int(s["count"]) for s in shards)
         self.start, self.stop = rank_range(self.total, rank, world_size)
         self.num_samples = self.stop - self.start
@@ -268,8 +249,7 @@ def keep_batch_memory_mapped() -> bool:
 class DaliLoader(Loader):
     backend = "dali"
 
-    def __init__(self, *args, prefetch: int = 3, initial_fill: int = INITIAL_FILL, state: dict | None = None,
-                 **kwargs):
+    def __init__(self, *args, state: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy = _import_dali()
         checkpoint = None
@@ -288,7 +268,7 @@ class DaliLoader(Loader):
         # iterator copying every batch into a new tensor (batches stay valid however long the caller keeps them).
         # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one has not run on a GPU here.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=threads, device_id=self.device.index if gpu else None,
-                        seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=prefetch,
+                        seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=PREFETCH,
                         enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=not gpu)
         with pipe:
             exts = [self.format] + (["attr"] if self.attributes else [])
@@ -296,7 +276,7 @@ class DaliLoader(Loader):
                 paths=[str(self.data_dir / s["tar"]) for s in self.shards],
                 index_paths=[str(self.data_dir / s["idx"]) for s in self.shards],
                 ext=exts, missing_component_behavior="error", dtypes=[types.UINT8, types.INT8][:len(exts)],
-                random_shuffle=self.shuffle, initial_fill=max(1, min(initial_fill, self.num_samples)),
+                random_shuffle=self.shuffle, initial_fill=max(1, min(INITIAL_FILL, self.num_samples)),
                 shard_id=self.rank, num_shards=self.world_size,
                 # Each rank keeps its part; pad_last_batch makes the reader end every epoch on a batch boundary
                 # (the iterator's PARTIAL policy trims the padding), so no epoch borrows from the next.
@@ -305,13 +285,12 @@ class DaliLoader(Loader):
                 dont_use_mmap=True, name="Reader")
             if not isinstance(outs, (list, tuple)):
                 outs = [outs]
-            encoded = outs[0]
             if gpu:
-                images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                images = fn.decoders.image(outs[0], device="mixed", output_type=types.RGB,
                                            hw_decoder_load=HW_DECODER_LOAD, preallocate_width_hint=S,
                                            preallocate_height_hint=S)
             else:
-                images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+                images = fn.decoders.image(outs[0], device="cpu", output_type=types.RGB)
             native = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
             images = fn.crop_mirror_normalize(
                 images, dtype=native.get(self.dtype, types.FLOAT), output_layout="CHW", mean=[127.5] * 3,
@@ -320,10 +299,6 @@ class DaliLoader(Loader):
             if self.attributes:
                 outputs.append(outs[1].gpu() if gpu else outs[1])
                 self._names.append("attr")
-            if self.keys:
-                # "tar_path:offset:name" per sample, zero-padded to the longest in the batch so it stays dense.
-                outputs.append(fn.pad(fn.get_property(encoded, key="source_info"), axes=[0]))
-                self._names.append("key")
             pipe.set_outputs(*outputs)
         try:
             self._iter = DALIGenericIterator(pipe, self._names, reader_name="Reader", auto_reset=True,
@@ -372,9 +347,11 @@ class DaliLoader(Loader):
     def _convert(self, out: dict) -> dict:
         batch = {"image": out["image"] if out["image"].dtype == self.dtype else out["image"].to(self.dtype)}
         if "attr" in out:
+            n = out["attr"].shape[-1]
+            if n != len(self.attributes):  # DALI reads .attr entries of any length; the manifest gives the count
+                raise DataError(f"{self.data_dir / MANIFEST}: lists {len(self.attributes)} attributes, but the shards' "
+                                f".attr entries hold {n} bytes")
             batch["attr"] = out["attr"].long()
-        if "key" in out:
-            batch["key"] = [_key_from_source_info(row) for row in out["key"].numpy()]
         return batch
 
     def _finish_epoch(self) -> None:
@@ -389,11 +366,6 @@ class DaliLoader(Loader):
             raise self._read_error(e) from None
 
 
-def _key_from_source_info(row: np.ndarray) -> str:
-    name = bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[-1]
-    return name.split(".", 1)[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch backend
 
@@ -401,7 +373,7 @@ def _key_from_source_info(row: np.ndarray) -> str:
 class _SampleIndex:
     """Where each of the rank's samples lies: tar, byte range, offsets of the image and attribute data."""
 
-    def __init__(self, data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, has_attr: bool):
+    def __init__(self, data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, num_attrs: int):
         self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
         first = 0
         for shard in shards:
@@ -417,16 +389,16 @@ class _SampleIndex:
                 parts = lines[line_no].split() if line_no < len(lines) else []
                 comps = {p[3].rsplit(".", 1)[-1]: (int(p[1]), int(p[2])) for p in
                          (parts[i:i + 4] for i in range(0, len(parts), 4)) if len(p) == 4 and p[1].isdigit()}
-                if fmt not in comps or (has_attr and comps.get("attr", (0, 0))[1] != 40):
-                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}" + (" or 40-byte attr" if has_attr
-                                                                                  else "") + f" entry: {parts}")
+                if fmt not in comps or (num_attrs and comps.get("attr", (0, 0))[1] != num_attrs):
+                    attr = f" or {num_attrs}-byte attr" if num_attrs else ""  # one byte per manifest attribute
+                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}{attr} entry: {parts}")
                 begin = min(o for o, _ in comps.values())
                 end = max(o + n for o, n in comps.values())
                 tar_ids.append(len(self.tars) - 1)
                 offsets.append(begin)
                 lengths.append(end - begin)
                 img.append((comps[fmt][0] - begin, comps[fmt][1]))
-                attr.append(comps["attr"][0] - begin if has_attr else -1)
+                attr.append(comps["attr"][0] - begin if num_attrs else -1)
                 keys.append(parts[3].split(".", 1)[0])
         self.tar_ids = np.asarray(tar_ids, np.int32)
         self.offsets = np.asarray(offsets, np.int64)
@@ -439,10 +411,10 @@ class _SampleIndex:
 class _BatchReader(torch.utils.data.Dataset):
     """Reads and decodes one batch, given as (local sample indices, flips); runs in DataLoader workers."""
 
-    def __init__(self, index: _SampleIndex, fmt: str, size: int, has_attr: bool):
+    def __init__(self, index: _SampleIndex, fmt: str, size: int, num_attrs: int):
         import webdataset.autodecode
 
-        self.index, self.fmt, self.size, self.has_attr = index, fmt, size, has_attr
+        self.index, self.fmt, self.size, self.num_attrs = index, fmt, size, num_attrs
         self.decode = webdataset.autodecode.imagehandler("rgb8")  # PIL -> HWC uint8 numpy
         self._fds: dict[int, int] = {}
         self._pid = -1
@@ -453,7 +425,7 @@ class _BatchReader(torch.utils.data.Dataset):
             self._fds, self._pid = {}, os.getpid()
         ix, S = self.index, self.size
         images = np.empty((len(samples), S, S, 3), np.uint8)
-        attrs = np.empty((len(samples), 40), np.int8)
+        attrs = np.empty((len(samples), self.num_attrs), np.int8)
         for j, i in enumerate(samples):
             tar = int(ix.tar_ids[i])
             fd = self._fds.get(tar)
@@ -473,11 +445,10 @@ class _BatchReader(torch.utils.data.Dataset):
             if image.shape != (S, S, 3):
                 raise ShardReadError(f"{ix.tars[tar]}: sample {ix.keys[i]} is {image.shape}, not {S}x{S} RGB")
             images[j] = image[:, ::-1] if flips[j] else image
-            if self.has_attr:
-                attrs[j] = np.frombuffer(data, np.int8, 40, int(ix.attr[i]))
-        batch = {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-                 "key": [ix.keys[i] for i in samples]}
-        if self.has_attr:
+            if self.num_attrs:
+                attrs[j] = np.frombuffer(data, np.int8, self.num_attrs, int(ix.attr[i]))
+        batch = {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))}
+        if self.num_attrs:
             batch["attr"] = torch.from_numpy(attrs)
         return batch
 
@@ -548,10 +519,10 @@ class TorchLoader(Loader):
         super().__init__(*args, **kwargs)
         if state is not None:
             self._check_state(state)
-        index = _SampleIndex(self.data_dir, self.shards, self.start, self.stop, self.format, bool(self.attributes))
+        index = _SampleIndex(self.data_dir, self.shards, self.start, self.stop, self.format, len(self.attributes))
         workers = self.num_threads if self.num_threads is not None else min(os.cpu_count() or 1, 8)
         self._loader = torch.utils.data.DataLoader(
-            _BatchReader(index, self.format, self.image_size, bool(self.attributes)), batch_size=None,
+            _BatchReader(index, self.format, self.image_size, len(self.attributes)), batch_size=None,
             sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_ignore_stop_signals)
@@ -583,8 +554,6 @@ class TorchLoader(Loader):
             batch = {"image": image.float().sub_(127.5).div_(127.5).to(self.dtype)}
             if "attr" in out:
                 batch["attr"] = out["attr"].to(self.device, non_blocking=True).long()
-            if self.keys:
-                batch["key"] = out["key"]
             yield batch
 
 
@@ -594,13 +563,11 @@ class TorchLoader(Loader):
 def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", backend: str = "dali",
                 device: str | torch.device = "cuda", shuffle: bool = True, flip: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32, drop_last: bool = False,
-                num_threads: int | None = None, state: dict | None = None, verify: bool = False,
-                keys: bool = False) -> Loader:
+                num_threads: int | None = None, state: dict | None = None, verify: bool = False) -> Loader:
     """A Loader over the shards in `data_dir` (see the module docstring).
 
     num_threads: DALI's CPU threads, or the torch backend's DataLoader workers (0: in the calling process).
     verify: also compare every tar's and index's sha256 with the manifest at start-up (sizes are always checked).
-    keys: add "key" (list of the samples' keys, e.g. "000123") to each batch.
     state: a state_dict() of a loader with the same arguments: continue where it was taken.
     """
     if backend not in ("dali", "torch"):
@@ -612,7 +579,10 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
         raise DataError(f"{Path(data_dir) / MANIFEST}: data state is from backend {state.get('backend')!r}, "
                         f"not {backend!r}")
     data_dir = Path(data_dir)
-    manifest = read_manifest(data_dir)
+    try:
+        manifest = read_manifest(data_dir)
+    except ManifestError as e:  # callers catch this module's errors as DataError (train.py exits on one cleanly)
+        raise DataError(str(e)) from None
     shards = _check_shards(data_dir, manifest, split, verify)
     total = sum(int(s["count"]) for s in shards)
     if total < world_size:
@@ -622,4 +592,4 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
         _import_dali()  # fail with the pip hint before anything else
     return cls(data_dir, manifest, shards, batch_size, split=split, device=_resolve_device(device),
                shuffle=shuffle, flip=flip, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
-               drop_last=drop_last, num_threads=num_threads, keys=keys, state=state)
+               drop_last=drop_last, num_threads=num_threads, state=state)

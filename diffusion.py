@@ -179,11 +179,6 @@ class GaussianDiffusion(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward process
 
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean [B, ...] and variance [B, 1, ...] of q(x_t | x_0)."""
-        x0 = x0.float() if x0.dtype != torch.float64 else x0
-        return self._extract(self.sqrt_alphas_cumprod, t, x0) * x0, self._extract(1.0 - self.alphas_cumprod, t, x0)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0): sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise. x0, noise: [B, ...], t: [B]."""
         if noise is None:
@@ -242,11 +237,6 @@ class GaussianDiffusion(nn.Module):
         """x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
         return (self._extract(self.sqrt_alphas_cumprod, t, xt) * xt
                 - self._extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * v)
-
-    def predict_eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v."""
-        return (self._extract(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt
-                + self._extract(self.sqrt_alphas_cumprod, t, xt) * v)
 
     def predict_x0(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 from the model's output under this diffusion's objective."""

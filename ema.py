@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
@@ -47,13 +46,6 @@ class EMA:
     def num_updates(self) -> int:
         """How many times `update()` has been called (restored by `load_state_dict`)."""
         return self._num_updates
-
-    def current_decay(self) -> float:
-        """The decay the next `update()` will use."""
-        if not self.warmup:
-            return self._ema.decay
-        n = self._num_updates + 1
-        return min(self._ema.decay, (1 + n) / (10 + n))
 
     def update(self) -> None:
         """Fold the model's current parameters into the average; call after every optimizer step."""
@@ -108,8 +100,3 @@ class EMA:
             "collected_params": None,
         })
         self._num_updates = num_updates
-
-    def to(self, device: torch.device | str | None = None) -> EMA:
-        """Move the averaged weights (e.g. keep them on the GPU with the model)."""
-        self._ema.to(device=device)
-        return self

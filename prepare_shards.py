@@ -23,11 +23,12 @@ into it; that keeps the result within ~36+ dB PSNR of a full-resolution crop and
 png output always decodes at full resolution, so its pixels equal crop-then-LANCZOS exactly.
 
 Output in OUT: {split}-NNNNNN.tar (samples keyed by source stem: {key}.jpg|png and, with attributes, {key}.attr =
-40 int8 of 1/0 in the metadata's column order), {split}-NNNNNN.idx (DALI's wds2idx v1.2 index, written from the
-offsets known while writing the tar) and manifest.json, written last. Shard j of a split holds the shuffled
-source images j*N .. (j+1)*N-1 that decode (N = --samples-per-shard), so a shard can be checked or rewritten alone:
-a rerun keeps every complete shard whose sha256 verifies and writes the rest. Progress of an unfinished run lives
-in manifest.partial.json. Tar headers carry no time, owner or mode of the source, so runs are byte-identical.
+one int8 1/0 per attribute in the metadata's column order: the manifest's "attributes"), {split}-NNNNNN.idx (DALI's
+wds2idx v1.2 index, written from the offsets known while writing the tar) and manifest.json, written last (its
+reader is manifest.py). Shard j of a split holds the shuffled source images j*N .. (j+1)*N-1 that decode
+(N = --samples-per-shard), so a shard can be checked or rewritten alone: a rerun keeps every complete shard whose
+sha256 verifies and writes the rest. Progress of an unfinished run lives in manifest.partial.json. Tar headers
+carry no time, owner or mode of the source, so runs are byte-identical.
 """
 from __future__ import annotations
 
@@ -57,8 +58,8 @@ from rich.text import Text
 import config
 from atomic import atomic_write, fsync_dir
 from config import ConfigError
+from manifest import MANIFEST, MANIFEST_VERSION, ManifestError, read_manifest, sha256_file
 
-MANIFEST_VERSION = 1
 SPLITS = ("train", "valid", "test")
 PARTITIONS = {"0": "train", "1": "valid", "2": "test"}  # list_eval_partition's values
 CELEBA_SIZE = (178, 218)  # aligned CelebA image (width, height)
@@ -68,8 +69,9 @@ ATTR_FILES = ("list_attr_celeba.txt", "list_attr_celeba.csv")
 PARTITION_FILES = ("list_eval_partition.txt", "list_eval_partition.csv")
 DRAFT_MARGIN = 2.0  # use a JPEG DCT reduction only when the reduced crop still has >= 2x the target's pixels a side
 IDX_VERSION = "v1.2"  # DALI tools/wds2idx.py: "v1.2 <samples>", then per sample "ext data_offset size name ..."
-MANIFEST, PARTIAL = "manifest.json", "manifest.partial.json"
-OWN_FILE = re.compile(r"^(?:(?:train|valid|test)-\d{6}\.(?:tar|idx)|manifest(?:\.partial)?\.json)(?:\.tmp)?$")
+PARTIAL = "manifest.partial.json"  # the record of an unfinished run (the shards done so far), removed at the end
+OWN_FILE = re.compile(rf"^(?:(?:train|valid|test)-\d{{6}}\.(?:tar|idx)|{re.escape(MANIFEST)}|{re.escape(PARTIAL)})"
+                      r"(?:\.tmp)?$")
 # Arguments that change the bytes written; a rerun with others equal may reuse shards.
 CONTENT_ARGS = ("size", "crop", "format", "quality", "samples_per_shard", "split", "seed")
 
@@ -567,15 +569,6 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks (the manifest's checksums; data.py checks them too)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verified(out: Path, entry: dict) -> bool:
     """True when the shard's tar and index on disk are the ones the entry describes."""
     if entry.get("count", 0) == 0:
@@ -593,11 +586,20 @@ def _verified(out: Path, entry: dict) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 def _load_json(path: Path) -> dict | None:
+    """The partial manifest, or None when it is missing or unreadable (then the run cannot resume from it)."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _previous_manifest(out: Path) -> dict | None:
+    """OUT's finished manifest, or None when it is missing or unreadable (then its shards cannot be reused)."""
+    try:
+        return read_manifest(out)
+    except (OSError, ManifestError):
+        return None
 
 
 def previous_entries(out: Path, identity: dict, plan: Plan, overwrite: bool) -> dict[str, dict]:
@@ -611,7 +613,7 @@ def previous_entries(out: Path, identity: dict, plan: Plan, overwrite: bool) -> 
         raise PrepareError(f"{out}: exists and is not a folder")
     names = sorted(p.name for p in out.iterdir())
     foreign = [n for n in names if not OWN_FILE.match(n)]
-    partial, manifest = _load_json(out / PARTIAL), _load_json(out / MANIFEST)
+    partial, manifest = _load_json(out / PARTIAL), _previous_manifest(out)
     state = partial if (out / PARTIAL).exists() else manifest
     ours = [n for n in names if OWN_FILE.match(n) and not n.endswith(".tmp")]
     if foreign:
@@ -715,7 +717,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     for p in out.iterdir():
         if OWN_FILE.match(p.name) and p.name.endswith(".tmp"):
             p.unlink()
-    manifest_old = _load_json(out / MANIFEST)
+    manifest_old = _previous_manifest(out)
     if manifest_old is not None and manifest_old.get("identity") != identity:
         (out / MANIFEST).unlink()  # it describes a dataset that is about to be replaced
     done: dict[str, dict] = {}

@@ -309,8 +309,3 @@ def build_unet(name: str, **overrides: Any) -> UNet:
     if name not in PRESETS:
         raise ValueError(f"unet: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return UNet(**{**PRESETS[name], **overrides})
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,9 +1,11 @@
 """data.py over the session's shards (tests/conftest.py: 203 fake faces at 32x32, 163 of them in train, 64 a shard).
 
-Both backends: exact samples per epoch, the same pixels for the same keys, shuffles that are permutations and change
-each epoch, ranks that split the data, exact resume (shuffle and flips included) mid-epoch and at an epoch boundary,
-the flip rate, and each error with its one-line message. The torch backend mostly runs in-process (num_threads=0)
-to keep the file fast; one test checks that DataLoader workers give the same batches.
+Both backends: exact samples per epoch, the same pixels for the same samples, shuffles that are permutations and
+change each epoch, ranks that split the data, exact resume (shuffle and flips included) mid-epoch and at an epoch
+boundary, the flip rate, the attribute count from the manifest, and each error with its one-line message. A sample is
+known by its pixels: the index of the reference image (or its mirror) it shows, every fake face being different. The
+torch backend mostly runs in-process (num_threads=0) to keep the file fast; one test checks that DataLoader workers
+give the same batches.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 import data
 from data import DaliMissingError, DataError, ShardReadError, make_loader
+from fake_celeba import ATTRIBUTES
 
 BACKENDS = ["dali", "torch"]
 TRAIN = 163  # conftest: 203 images, 163 in the train split
@@ -27,26 +30,38 @@ TRAIN = 163  # conftest: 203 images, 163 in the train split
 def loader(shards: Path, backend: str, batch_size: int = 32, **kw) -> data.Loader:
     kw.setdefault("device", "cpu")
     kw.setdefault("num_threads", 0 if backend == "torch" else 2)
-    return make_loader(shards, batch_size, backend=backend, keys=True, **kw)
+    return make_loader(shards, batch_size, backend=backend, **kw)
 
 
-def epoch(ld: data.Loader) -> tuple[list[str], torch.Tensor, torch.Tensor, list[int]]:
-    """One epoch: keys, images [N,3,S,S], attributes [N,40] and the batch sizes."""
-    keys, images, attrs, sizes = [], [], [], []
+def epoch(ld: data.Loader) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One epoch: images [N,3,S,S], attributes [N,A] and the batch sizes."""
+    images, attrs, sizes = [], [], []
     for b in ld:
-        keys += b["key"]
         images.append(b["image"])
         attrs.append(b["attr"])
-        sizes.append(len(b["key"]))
-        assert b["image"].shape[0] == len(b["key"]) == b["attr"].shape[0]
-    return keys, torch.cat(images), torch.cat(attrs), sizes
+        sizes.append(len(b["image"]))
+        assert b["attr"].shape == (len(b["image"]), len(ld.attributes))
+    return torch.cat(images), torch.cat(attrs), sizes
 
 
 @pytest.fixture(scope="module")
-def reference(shards: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """key -> (image, attr) of every train sample, unshuffled and unflipped, through the torch backend."""
-    keys, images, attrs, _ = epoch(loader(shards, "torch", shuffle=False, flip=False))
-    return {k: (im, a) for k, im, a in zip(keys, images, attrs)}
+def reference(shards: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images [N,3,S,S] and attributes [N,A] of the train samples in manifest order (the torch backend, unshuffled and
+    unflipped): sample i is index i."""
+    images, attrs, _ = epoch(loader(shards, "torch", shuffle=False, flip=False))
+    return images, attrs
+
+
+def identify(images: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor]) -> list[int]:
+    """Which reference sample each image is: the nearest reference image or mirror image, checked to be that image
+    within 2/255 (two JPEG decoders differ by that much; flips are exact)."""
+    ref = reference[0].flatten(1)
+    x = images.float().flatten(1)
+    ids = torch.minimum(torch.cdist(x, ref), torch.cdist(x, reference[0].flip(-1).flatten(1))).argmin(1)
+    nearest = reference[0][ids]
+    off = torch.minimum(*((images - r).abs().flatten(1).amax(1) for r in (nearest, nearest.flip(-1))))
+    assert off.max() * 127.5 <= 2.0, f"not a reference image or its mirror: {off.max() * 127.5:.1f}/255 away"
+    return ids.tolist()
 
 
 @pytest.fixture
@@ -67,14 +82,16 @@ def broken(shards: Path, tmp_path: Path) -> Path:
     (163, True, [163]),
     (200, False, [163]),  # one partial batch
 ])
-def test_each_sample_once_per_epoch(shards, backend, batch_size, drop_last, sizes):
+def test_each_sample_once_per_epoch(shards, reference, backend, batch_size, drop_last, sizes):
     ld = loader(shards, backend, batch_size, drop_last=drop_last)
-    assert (len(ld), ld.num_samples, ld.image_size, len(ld.attributes)) == (len(sizes), TRAIN, 32, 40)
+    assert (len(ld), ld.num_samples, ld.image_size, ld.attributes) == (len(sizes), TRAIN, 32, ATTRIBUTES)
     for e in range(2):
         assert ld.epoch == e
-        keys, images, attrs, got = epoch(ld)
+        images, attrs, got = epoch(ld)
         assert got == sizes
-        assert len(set(keys)) == len(keys) == sum(sizes)
+        ids = identify(images, reference)
+        assert len(set(ids)) == len(ids) == sum(sizes)
+        assert torch.equal(attrs, reference[1][ids])
         assert images.shape == (sum(sizes), 3, 32, 32) and images.dtype == torch.float32
         assert -1 <= images.min() < -0.5 and 0.5 < images.max() <= 1
         assert attrs.dtype == torch.int64 and set(attrs.unique().tolist()) <= {0, 1}
@@ -87,30 +104,29 @@ def test_drop_last_without_a_full_batch_is_an_error(shards):
 
 
 def test_same_pixels_and_attributes_through_both_backends(shards, reference):
-    # In order (shuffle=False, flip=False): the same keys, pixels within 2/255 (two JPEG decoders), attributes.
-    keys, images, attrs, _ = epoch(loader(shards, "dali", shuffle=False, flip=False))
-    assert keys == list(reference)
-    ref_images = torch.stack([reference[k][0] for k in keys])
-    assert (images - ref_images).abs().max() * 127.5 <= 2.0
-    assert torch.equal(attrs, torch.stack([reference[k][1] for k in keys]))
-    # Shuffled and flipped: each sample is its reference image or that image's mirror, in both backends.
+    # In order (shuffle=False, flip=False): the same samples, pixels within 2/255 (two JPEG decoders), attributes.
+    images, attrs, _ = epoch(loader(shards, "dali", shuffle=False, flip=False))
+    assert images.shape == reference[0].shape and (images - reference[0]).abs().max() * 127.5 <= 2.0
+    assert torch.equal(attrs, reference[1])
+    # Shuffled and flipped: each sample is its reference image or that image's mirror (identify checks), with its
+    # attributes, in both backends.
     for backend in BACKENDS:
-        keys, images, attrs, _ = epoch(loader(shards, backend, seed=5))
-        for k, im, a in zip(keys, images, attrs):
-            ref = reference[k][0]
-            assert min((im - ref).abs().max(), (im - ref.flip(-1)).abs().max()) * 127.5 <= 2.0, k
-            assert torch.equal(a, reference[k][1])
+        images, attrs, _ = epoch(loader(shards, backend, seed=5))
+        assert torch.equal(attrs, reference[1][identify(images, reference)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shuffle_is_a_new_permutation_each_epoch(shards, reference, backend):
+    def order(ld: data.Loader) -> list[int]:
+        return identify(epoch(ld)[0], reference)
+
     ld = loader(shards, backend, seed=1)
-    orders = [epoch(ld)[0] for _ in range(3)]
-    for order in orders:
-        assert sorted(order) == sorted(reference)
-    assert orders[0] != list(reference) and len({tuple(o) for o in orders}) == 3
-    assert epoch(loader(shards, backend, seed=1))[0] == orders[0]  # the same seed, the same first epoch
-    assert epoch(loader(shards, backend, seed=2))[0] != orders[0]
+    orders = [order(ld) for _ in range(3)]
+    for o in orders:
+        assert sorted(o) == list(range(TRAIN))
+    assert orders[0] != list(range(TRAIN)) and len({tuple(o) for o in orders}) == 3
+    assert order(loader(shards, backend, seed=1)) == orders[0]  # the same seed, the same first epoch
+    assert order(loader(shards, backend, seed=2)) != orders[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,12 +135,12 @@ def test_two_ranks_split_the_data(shards, reference, backend):
     assert [p.num_samples for p in parts] == [81, 82]
     assert [len(p) for p in parts] == [6, 6]
     for _ in range(2):  # every epoch: disjoint, covering
-        k0, k1 = (epoch(p)[0] for p in parts)
+        k0, k1 = (identify(epoch(p)[0], reference) for p in parts)
         assert (len(k0), len(k1)) == (81, 82)
-        assert not set(k0) & set(k1) and set(k0) | set(k1) == set(reference)
+        assert not set(k0) & set(k1) and set(k0) | set(k1) == set(range(TRAIN))
     # With drop_last both ranks give the same number of full batches (equal DDP steps).
     parts = [loader(shards, backend, 41, rank=r, world_size=2, drop_last=True) for r in range(2)]
-    assert [len(p) for p in parts] == [1, 1] and [epoch(p)[3] for p in parts] == [[41], [41]]
+    assert [len(p) for p in parts] == [1, 1] and [epoch(p)[2] for p in parts] == [[41], [41]]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,16 +148,17 @@ def test_flip_rate(shards, reference, backend):
     flipped = []
     ld = loader(shards, backend, 64, seed=3)
     for _ in range(3):
-        keys, images, _, _ = epoch(ld)
-        for k, im in zip(keys, images):
-            ref = reference[k][0]
+        images = epoch(ld)[0]
+        for k, im in zip(identify(images, reference), images):
+            ref = reference[0][k]
             same, mirror = (im - ref).abs().max(), (im - ref.flip(-1)).abs().max()
             if abs(same - mirror) > 0.05:  # skip the (rare) images that are their own mirror image
                 flipped.append(bool(mirror < same))
     assert len(flipped) > 400
     assert 0.42 < sum(flipped) / len(flipped) < 0.58
-    unflipped = epoch(loader(shards, backend, 64, flip=False))
-    assert all((im - reference[k][0]).abs().max() * 127.5 <= 2.0 for k, im in zip(unflipped[0], unflipped[1]))
+    unflipped = epoch(loader(shards, backend, 64, flip=False))[0]
+    ids = identify(unflipped, reference)
+    assert (unflipped - reference[0][ids]).abs().max() * 127.5 <= 2.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -155,7 +172,7 @@ def test_torch_workers_give_the_same_batches(shards):
     workers = loader(shards, "torch", 20, seed=4, num_threads=2)
     assert workers._loader.num_workers == 2
     pooled = epoch(workers)
-    assert pooled[0] == inline[0] and torch.equal(pooled[1], inline[1])
+    assert pooled[2] == inline[2] and torch.equal(pooled[0], inline[0]) and torch.equal(pooled[1], inline[1])
 
 
 def test_dali_on_cuda_falls_back_to_cpu_without_a_gpu(shards):
@@ -171,11 +188,11 @@ def test_dali_on_cuda_falls_back_to_cpu_without_a_gpu(shards):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mixed_decode_matches_cpu_decode(shards64):
-    kw = dict(shuffle=False, flip=False, keys=True, num_threads=2)
+    kw = dict(shuffle=False, flip=False, num_threads=2)
     gpu = list(make_loader(shards64, 64, backend="dali", device="cuda", dtype=torch.float16, **kw))
     cpu = list(make_loader(shards64, 64, backend="dali", device="cpu", **kw))
-    assert [k for b in gpu for k in b["key"]] == [k for b in cpu for k in b["key"]]
-    for g, c in zip(gpu, cpu):
+    assert [len(b["image"]) for b in gpu] == [len(b["image"]) for b in cpu]
+    for g, c in zip(gpu, cpu):  # the same samples in the same order: pixels within 2/255, the same attributes
         assert g["image"].device.type == "cuda" and g["image"].dtype == torch.float16
         assert g["attr"].device.type == "cuda" and torch.equal(g["attr"].cpu(), c["attr"])
         assert (g["image"].float().cpu() - c["image"]).abs().max() * 127.5 <= 2.0
@@ -211,11 +228,11 @@ def test_resume_gives_the_batches_that_would_have_come_next(shards, backend, sto
     got = [b for _ in range(3 - stop // 6) for b in resumed]
     assert len(got) == len(expected) - stop
     for g, e in zip(got, expected[stop:]):
-        assert g["key"] == e["key"] and torch.equal(g["image"], e["image"]) and torch.equal(g["attr"], e["attr"])
+        assert torch.equal(g["image"], e["image"]) and torch.equal(g["attr"], e["attr"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reading_the_position_between_batches(shards, backend):
+def test_reading_the_position_between_batches(shards, reference, backend):
     # A training loop asks for loader.epoch and state_dict() before each batch, and starts a new iteration when
     # the last one is exhausted: the epochs still come whole, one after the other.
     ld = loader(shards, backend, 40, seed=2)
@@ -227,7 +244,7 @@ def test_reading_the_position_between_batches(shards, backend):
         if batch is None:
             batches = iter(ld)
             continue
-        seen.setdefault(e, []).extend(batch["key"])
+        seen.setdefault(e, []).extend(identify(batch["image"], reference))
     assert sorted(seen) == [0, 1, 2] and all(sorted(k) == sorted(seen[0]) and len(k) == TRAIN for k in seen.values())
 
 
@@ -406,3 +423,36 @@ def test_shards_without_attributes(celeba_src, tmp_path_factory, backend):
     assert ld.attributes == [] and ld.num_samples == 40
     batches = list(ld)
     assert [len(b["image"]) for b in batches] == [16, 16, 8] and all("attr" not in b for b in batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attribute_count_comes_from_the_manifest(celeba_src, tmp_path_factory, backend):
+    out = tmp_path_factory.getbasetemp() / "five_attribute_shards"
+    lines = (celeba_src / "list_attr_celeba.txt").read_text().splitlines()
+    rows = [line.split()[:6] for line in lines[2:26]]  # 24 images, the first 5 of CelebA's 40 attributes
+    if not (out / "manifest.json").exists():
+        from prepare_shards import PrepareConfig, prepare
+
+        src = tmp_path_factory.mktemp("five") / "celeba"
+        (src / "img_align_celeba").mkdir(parents=True)
+        for r in rows:
+            shutil.copy(celeba_src / "img_align_celeba" / r[0], src / "img_align_celeba" / r[0])
+        table = [str(len(rows)), " ".join(lines[1].split()[:5])] + [" ".join(r) for r in rows]
+        (src / "list_attr_celeba.txt").write_text("\n".join(table) + "\n")
+        prepare(PrepareConfig(src=str(src), out=str(out), size=32, samples_per_shard=16, workers=1))
+    ld = loader(out, backend, 16)
+    assert ld.attributes == ATTRIBUTES[:5] and ld.num_samples == 24
+    _, attrs, sizes = epoch(ld)  # epoch() checks each batch's attr is [B, 5]
+    assert sizes == [16, 8]
+    expected = sorted([int(v == "1") for v in r[1:]] for r in rows)
+    assert sorted(attrs.tolist()) == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_manifest_whose_attributes_disagree_with_the_shards(broken, backend):
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["attributes"] = manifest["attributes"][:39]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="39") as e:  # the torch backend at start-up, DALI at the first batch
+        next(iter(loader(broken, backend)))
+    assert "\n" not in str(e.value) and str(broken) in str(e.value)

@@ -35,7 +35,6 @@ def test_warmup_decay_matches_formula():
     w = model[0].weight
     shadow = w.detach().clone()
     for n in range(1, 6):
-        assert ema.current_decay() == pytest.approx(min(0.999, (1 + n) / (10 + n)))
         _perturb(model)
         ema.update()
         d = min(0.999, (1 + n) / (10 + n))
@@ -52,7 +51,6 @@ def test_no_warmup_uses_plain_decay_and_still_counts():
     _perturb(model)
     ema.update()
     assert ema.num_updates == 1
-    assert ema.current_decay() == 0.9
     expected = 0.9 * start + 0.1 * model[0].weight.detach()
     with ema.average_parameters():
         torch.testing.assert_close(model[0].weight.detach(), expected)
