@@ -17,10 +17,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import io
 import json
 import sys
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from PIL import Image
 import config
 import metrics
 from config import ConfigError
+from data import DataError, ShardReadError, make_loader
+from manifest import MANIFEST, read_manifest
 from metrics import FeatureNet, FeatureStats, MetricsError
 from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
 from atomic import atomic_write
@@ -62,6 +62,7 @@ class EvalConfig:
     metrics: str = "fid,kid"  # comma list of fid, kid
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
     inception: str = ""  # TorchScript inception-2015-12-05.pt (empty: torch hub's cache, then ~/.cache/celeba-ddpm)
+    trust_inception: bool = False  # load a TorchScript feature network of unknown sha256 (TorchScript is code)
     device: str = "auto"  # auto | cuda | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     outdir: str = ""  # generated images (default RUN/eval/step-...-<sampler settings>); existing images are reused
@@ -122,46 +123,25 @@ def default_outdir(run: Path, loaded: Loaded, s: SampleConfig) -> Path:
 
 # ------------------------------------------------------------------------------------------------ reference images
 
-def read_manifest(shards: Path) -> tuple[dict, str]:
-    """SHARDS/manifest.json -> (manifest, sha256 of its bytes)."""
-    path = shards / "manifest.json"
-    if not path.is_file():
-        raise EvalError(f"{shards}: no manifest.json (not a prepare_shards output folder)")
-    raw = path.read_bytes()
-    try:
-        return json.loads(raw), hashlib.sha256(raw).hexdigest()
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e})") from None
-
-
-def reference_tars(shards: Path, manifest: dict, split: str) -> tuple[list[Path], int]:
-    """The tar files of the split(s) and how many images they hold."""
+def reference_loaders(shards: Path, split: str, batch_size: int) -> list:
+    """Loaders over the split(s) in manifest order, through the same indexed reader as training; every shard's
+    sha256 is checked against the manifest first, so a damaged or rewritten shard is an error, never a short or
+    silently different reference set."""
     names = ["train", "valid", "test"] if split == "all" else [split]
-    tars, count = [], 0
-    for name in names:
-        entry = (manifest.get("splits") or {}).get(name) or {}
-        tars += [shards / s["tar"] for s in entry.get("shards", [])]
-        count += int(entry.get("count", 0))
-    if count == 0:
-        raise EvalError(f"{shards}: split {split!r} holds no images")
-    return tars, count
+    manifest = read_manifest(shards)
+    return [make_loader(shards, batch_size, split=name, backend="torch", device="cpu", shuffle=False, flip=False,
+                        num_threads=0, verify=True) for name in names if name in manifest["splits"] or split != "all"]
 
 
-def reference_images(tars: list[Path], limit: int) -> Iterator[np.ndarray]:
-    """uint8 [H, W, 3] pictures from the tars' .jpg/.png members, in order, at most `limit` (0: all)."""
+def reference_images(loaders: list, limit: int) -> Iterator[np.ndarray]:
+    """uint8 [H, W, 3] pictures of the loaders' samples, in order, at most `limit` (0: all)."""
     given = 0
-    for tar_path in tars:
-        try:
-            tar = tarfile.open(tar_path)
-        except (OSError, tarfile.TarError) as e:
-            raise EvalError(f"{tar_path}: cannot open shard ({e})") from None
-        with tar:
-            for member in tar:
-                if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg", ".png")):
-                    continue
-                data = tar.extractfile(member).read()
-                with Image.open(io.BytesIO(data)) as im:
-                    yield np.asarray(im.convert("RGB"))
+    for loader in loaders:
+        for batch in loader:
+            # The loader gives x / 127.5 - 1 of the decoded uint8 pixels; this inverts it exactly.
+            pictures = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            for picture in pictures.numpy():
+                yield picture
                 given += 1
                 if limit and given >= limit:
                     return
@@ -192,16 +172,25 @@ def feature_stats(pictures: Iterator[np.ndarray], total: int, net: FeatureNet, c
 
 
 def reference_stats(cfg: EvalConfig, net: FeatureNet, image_size: int) -> tuple[FeatureStats, dict]:
-    """Statistics of the reference split, from the cache when this manifest/split/network was done before."""
+    """Statistics of the reference split, from the cache when these shards (by their verified checksums), this split
+    and this feature network were done before."""
     shards = Path(cfg.ref)
-    manifest, manifest_sha = read_manifest(shards)
-    if int(manifest.get("size", image_size)) != image_size:
-        raise EvalError(f"{shards}: reference images are {manifest.get('size')} px but the model makes "
+    try:
+        loaders = reference_loaders(shards, cfg.ref_split, cfg.batch_size)
+    except FileNotFoundError as e:
+        if not (shards / MANIFEST).is_file():
+            raise EvalError(f"{shards}: no manifest.json (not a prepare_shards output folder)") from None
+        raise EvalError(str(e)) from None
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    if loaders[0].image_size != image_size:
+        raise EvalError(f"{shards}: reference images are {loaders[0].image_size} px but the model makes "
                         f"{image_size} px; shard the data at --size {image_size}")
-    tars, count = reference_tars(shards, manifest, cfg.ref_split)
+    count = sum(loader.num_samples for loader in loaders)
     count = min(count, cfg.ref_max) if cfg.ref_max else count
-    info = {"shards": str(shards), "manifest_sha256": manifest_sha, "split": cfg.ref_split, "count": count,
-            "feature_network": net.name, "kid_max": cfg.kid_max}
+    checksums = [s["sha256"] for loader in loaders for s in loader.shards]
+    info = {"shards": str(shards), "split": cfg.ref_split, "count": count, "feature_network": net.name,
+            "kid_max": cfg.kid_max, "shards_sha256": hashlib.sha256("".join(checksums).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "shards"}, sort_keys=True).encode())
     cache = Path(cfg.cache_dir) if cfg.cache_dir else metrics.cache_root() / "ref-stats"
     path = cache / f"ref-{key.hexdigest()[:24]}.npz"
@@ -212,7 +201,13 @@ def reference_stats(cfg: EvalConfig, net: FeatureNet, image_size: int) -> tuple[
             return stats, {**info, "cache": str(path)}
         except (OSError, ValueError, KeyError) as e:
             console.print(f"[yellow]warning:[/] {path}: unreadable cache ({e}); computing again")
-    stats = feature_stats(reference_images(tars, count), count, net, cfg, f"reference {cfg.ref_split}")
+    try:
+        stats = feature_stats(reference_images(loaders, count), count, net, cfg, f"reference {cfg.ref_split}")
+    except ShardReadError as e:
+        raise EvalError(str(e)) from None
+    if stats.count != count:  # never a silently short reference set
+        raise EvalError(f"{shards}: read {stats.count} reference images of split {cfg.ref_split!r}, the manifest lists "
+                        f"{count}")
     with writing(path):
         atomic_write(path, stats.to_bytes())
     return stats, {**info, "cache": str(path)}
@@ -240,7 +235,7 @@ def main(cfg: EvalConfig) -> dict:
     console.print(f"[bold]evaluate[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
     # Load the feature network first: a missing Inception file should stop us before an hour of sampling.
-    net = metrics.load_feature_net(cfg.features, cfg.inception or None, device)
+    net = metrics.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception)
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     run = run_folder(loaded, cfg.ckpt)
     outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)

@@ -36,13 +36,23 @@ def read_manifest(data_dir: str | Path) -> dict:
             raise ValueError("bad 'size', 'format' or 'splits'")
         for split in splits.values():
             for shard in split["shards"]:
-                _ = shard["tar"], shard["idx"], int(shard["count"]), int(shard["bytes"])
+                _ = int(shard["count"]), int(shard["bytes"])
+                for key in ("tar", "idx"):
+                    if not is_plain_name(shard[key]):
+                        raise ValueError(f"shard {key} {shard[key]!r} is not a plain file name in the shards folder")
         attributes = manifest.get("attributes") or []
         if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
             raise ValueError("'attributes' is not a list of names")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ManifestError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
     return manifest
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether `name` is a plain file name (no folder part, no "..", not hidden): a manifest may only name files inside
+    its own folder, so that a crafted manifest cannot make the trainer open, say, ../../../etc/passwd."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not name.startswith("."))
 
 
 def attribute_names(manifest: dict) -> list[str]:

@@ -31,9 +31,13 @@ import torch
 from scipy import linalg
 from torch import nn
 
-from prepare_shards import sha256_file
+from manifest import sha256_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
+# TorchScript feature networks whose bytes were checked, by sha256. The original inception-2015-12-05.pt cannot be
+# fetched on the machines this project is built on, so its digest could not be taken from the file itself and is not
+# written here from memory: loading it needs --trust-inception until someone records the digest of a verified copy.
+KNOWN_FEATURE_NETS: dict[str, str] = {}
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 FEATURE_KINDS = ("inception", "standin")
 
@@ -205,9 +209,13 @@ class FeatureNet:
 
 
 def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = None,
-                     device: torch.device | str = "cpu") -> FeatureNet:
+                     device: torch.device | str = "cpu", trust: bool = False) -> FeatureNet:
     """kind "inception": a TorchScript file (`path`, else the first of inception_candidates() that exists);
-    kind "standin": StandInFeatures (tests only)."""
+    kind "standin": StandInFeatures (tests only).
+
+    TorchScript is code, not weights: loading a file runs what it holds. A file whose sha256 is in KNOWN_FEATURE_NETS
+    loads; any other needs trust=True (evaluate.py --trust-inception), given by a user who checked where it came from.
+    """
     if kind == "standin":
         module = StandInFeatures()
         h = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
@@ -225,6 +233,10 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
             raise FeatureNetworkMissing(f"no Inception weights: pass --inception PATH to {INCEPTION_FILE} (get it from "
                                         f"{INCEPTION_URL} on a machine with internet) or put it at one of: {where}")
         file = found[0]
+    digest = sha256_file(file)
+    if digest not in KNOWN_FEATURE_NETS and not trust:
+        raise MetricsError(f"{file}: not a known feature network (sha256 {digest}); a TorchScript file is code that "
+                           f"runs when loaded, so an unknown one needs --trust-inception (see the README)")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format of the file
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -232,4 +244,4 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
     except Exception as e:  # a pickle or state dict rather than a TorchScript archive
         raise MetricsError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
                            f" from {INCEPTION_URL}") from None
-    return FeatureNet(module, f"{file.name}:sha256={sha256_file(file)[:16]}", device)
+    return FeatureNet(module, f"{file.name}:sha256={digest[:16]}", device)

@@ -26,10 +26,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 @pytest.fixture(scope="module")
 def ref_pictures(shards: Path) -> np.ndarray:
     """The 163 training images of the 32 px shards, uint8 [N, 32, 32, 3]."""
-    manifest, _ = evaluate.read_manifest(shards)
-    tars, count = evaluate.reference_tars(shards, manifest, "train")
-    pictures = np.stack(list(evaluate.reference_images(tars, 0)))
-    assert pictures.shape == (count, 32, 32, 3)
+    loaders = evaluate.reference_loaders(shards, "train", 64)
+    pictures = np.stack(list(evaluate.reference_images(loaders, 0)))
+    assert pictures.shape == (163, 32, 32, 3)
     return pictures
 
 
@@ -99,7 +98,11 @@ def test_torchscript_file_goes_through_the_inception_path(ref_pictures: np.ndarr
     # A scripted stand-in saved to disk loads like inception-2015-12-05.pt (torch.jit.load, return_features=True).
     path = tmp_path / "features.pt"
     torch.jit.save(torch.jit.script(metrics.StandInFeatures()), str(path))
-    net = metrics.load_feature_net("inception", path)
+    # TorchScript is code: a file of unknown digest is refused unless the user says they trust it.
+    with pytest.raises(metrics.MetricsError, match=r"features.pt: not a known feature network \(sha256 [0-9a-f]{64}\); "
+                                                   r"a TorchScript file is code .* needs --trust-inception"):
+        metrics.load_feature_net("inception", path)
+    net = metrics.load_feature_net("inception", path, trust=True)
     assert net.name.startswith("features.pt:sha256=")
     np.testing.assert_allclose(net(ref_pictures[:8]), metrics.load_feature_net("standin")(ref_pictures[:8]),
                                rtol=1e-5, atol=1e-6)
@@ -113,7 +116,7 @@ def test_missing_or_wrong_inception_file_is_a_clear_error(tmp_path: Path, monkey
     state_dict = tmp_path / "pt_inception.pth"
     torch.save({"w": torch.zeros(2)}, state_dict)
     with pytest.raises(metrics.MetricsError, match="not a TorchScript archive"):
-        metrics.load_feature_net("inception", state_dict)
+        metrics.load_feature_net("inception", state_dict, trust=True)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py
@@ -182,10 +185,38 @@ def _inception_file() -> Path | None:
 @pytest.mark.skipif(_inception_file() is None,
                     reason="Inception weights absent (set DDPM_INCEPTION or put inception-2015-12-05.pt in the cache)")
 def test_real_inception_features(ref_pictures: np.ndarray):
-    net = metrics.load_feature_net("inception", _inception_file())
+    net = metrics.load_feature_net("inception", _inception_file(), trust=True)
     feats = net(ref_pictures[:40])
     assert feats.shape == (40, 2048) and np.isfinite(feats).all() and feats.min() >= 0  # pool3 after ReLU
     bright = net(np.clip(ref_pictures[:40].astype(np.int16) + 60, 0, 255).astype(np.uint8))
     kid_self, _ = metrics.kernel_inception_distance(feats, feats, subsets=10, subset_size=40)
     kid_shift, _ = metrics.kernel_inception_distance(feats, bright, subsets=10, subset_size=40)
     assert abs(kid_self) < kid_shift
+
+
+def test_a_damaged_reference_shard_is_an_error_never_a_short_set(run: Path, shards: Path, tmp_path: Path):
+    """A tar header overwritten in one reference shard: evaluate.py stops naming it (its checksum no longer matches);
+    once repaired, the statistics are computed from the repaired bytes, not taken from a stale cache."""
+    import shutil
+
+    copy = shutil.copytree(shards, tmp_path / "shards")
+    tar = copy / "train-000001.tar"
+    good = tar.read_bytes()
+    tar.write_bytes(good[:512 * 3] + b"\xff" * 512 + good[512 * 4:])  # same size, a header block destroyed
+    cfg = EvalConfig(ckpt=str(run), ref=str(copy), n=8, batch_size=8, steps=2, features="standin", device="cpu",
+                     metrics="fid", outdir=str(tmp_path / "samples"), cache_dir=str(tmp_path / "cache"),
+                     out=str(tmp_path / "eval.json"))
+    with pytest.raises(EvalError, match=rf"^{tar}: sha256 differs from the manifest"):
+        evaluate.main(cfg)
+    assert not list((tmp_path / "cache").glob("*.npz"))
+    tar.write_bytes(good)
+    result = evaluate.main(cfg)
+    assert result["reference"]["count"] == 163
+    clean = evaluate.main(dataclasses.replace(cfg, ref=str(shards), cache_dir=str(tmp_path / "cache2")))
+    assert result["fid"] == clean["fid"]
+
+
+def test_reference_images_are_the_manifest_count(shards: Path):
+    loaders = evaluate.reference_loaders(shards, "all", 50)
+    assert sum(1 for _ in evaluate.reference_images(loaders, 0)) == 203
+    assert sum(1 for _ in evaluate.reference_images(loaders, 30)) == 30

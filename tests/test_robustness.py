@@ -124,6 +124,18 @@ def test_a_damaged_jpeg_stops_before_the_first_step(shards: Path, tmp_path: Path
     assert "sha256 differs" not in run([*cmd, "--no-verify-data"]).stderr
 
 
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/passwd", "sub/train-000000.tar", ".hidden.tar"])
+def test_manifest_paths_must_stay_in_the_shards_folder(shards: Path, tmp_path: Path, name: str):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["tar"] = name
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(run(train_cmd(copy, tmp_path / "run", 2)))
+    assert line.startswith(f"error: {copy / 'manifest.json'}: unreadable manifest") and repr(name) in line
+    assert "not a plain file name in the shards folder" in line
+
+
 def test_a_shard_changed_while_training_stops_the_run(shards: Path, tmp_path: Path):
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
