@@ -26,6 +26,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/shards.py --json bench/shards.json
 	$(PY) bench/loader.py --json bench/loader.json
+	@# The GPU benchmarks; without a GPU, their tiny CPU mode (figures that are not GPU figures).
+	cpu=$$($(PY) -c "import torch; print('' if torch.cuda.is_available() else '--cpu')"); \
+	$(PY) bench/train_step.py $$cpu --json bench/train_step.json && \
+	$(PY) bench/sampling.py $$cpu --json bench/sampling.json
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -53,3 +53,106 @@ def commit(*measured: str) -> str:
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# ------------------------------------------------------------------------------ shared by the GPU benchmarks
+# (bench/train_step.py, bench/sampling.py; torch is imported inside the functions so that the other benches, which
+# do not need it, start as fast as before)
+
+# Dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, the denominator of MFU.
+# Matched on torch.cuda.get_device_name(): the first entry whose words all appear in the name wins, so the PCIe and
+# NVL variants come before the plain names (an H100 NVL or H200 NVL has lower clocks: unknown here, so MFU is null).
+# The RTX 4090's 165 is its fp16 rate with fp16 accumulation; autocast accumulates in fp32, at half that rate.
+GPU_PEAK_TFLOPS: list[tuple[tuple[str, ...], float | None]] = [
+    (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), None),
+    (("H200", "NVL"), None),
+    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H200",), 989.0),  # SXM: the H100's compute with more memory
+    (("A100",), 312.0),
+    (("L40S",), 362.0),
+    (("RTX 4090",), 165.0),
+]
+
+
+def gpu_peak_tflops(name: str | None) -> float | None:
+    """The datasheet's dense fp16/bf16 peak of the GPU called `name`, or None for one not in GPU_PEAK_TFLOPS."""
+    for words, peak in GPU_PEAK_TFLOPS:
+        if name and all(w.lower() in name.lower() for w in words):
+            return peak
+    return None
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work, so that a wall-clock reading covers it (a no-op on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_machine(device) -> dict:
+    """machine() plus the accelerator: torch, CUDA and DALI versions, the GPU's name, memory and datasheet peak."""
+    import torch
+
+    try:
+        import nvidia.dali
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = None
+    extra = {"torch": torch.__version__, "cuda": torch.version.cuda, "dali": dali, "device": str(device), "gpu": None}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        extra.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                     compute_capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                     peak_tflops=gpu_peak_tflops(props.name), cudnn=torch.backends.cudnn.version())
+    return machine(**extra)
+
+
+def matmul_tflops(device, n: int = 8192, repeats: int = 10) -> dict:
+    """The rate of one large matrix product, measured here: the practical ceiling that MFU is read against.
+
+    CUDA: n x n x n in bf16, the mean of `repeats` products after 3 warm-ups, timed with CUDA events. CPU: fp32 at
+    n/8 (a bf16 product on the CPU measures its emulation, not the machine), so only as a sanity figure.
+    """
+    import time
+
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else max(64, n // 8)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000 / repeats
+    else:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = (time.perf_counter() - t0) / repeats
+    return {"tflops": round(2 * n**3 / seconds / 1e12, 3), "n": n, "dtype": str(dtype).removeprefix("torch."),
+            "repeats": repeats}
+
+
+def names(text: str) -> list[str]:
+    """A comma-separated flag value as a list ("a, b," -> ["a", "b"])."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write a benchmark's report atomically (a reader, or a kill half-way, never sees half a file)."""
+    import json
+
+    from atomic import atomic_write
+
+    if path:
+        atomic_write(path, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder

@@ -66,3 +66,119 @@ def test_shards_bench_json(tmp_path: Path):
 @pytest.mark.parametrize("script", ["loader.py", "shards.py"])
 def test_bench_help(script: str):
     assert "--json" in run_bench(script, "--help").stdout
+
+
+# ------------------------------------------------------------------------------------------ the GPU check's CPU mode
+# bench/gpu_check.sh --cpu runs every step of the GPU check with tiny sizes on the CPU (so the script and both GPU
+# benchmarks cannot rot between GPU runs); its figures are CPU figures and only their presence and shape are checked.
+
+GPU_CHECK_STEPS = ["env", "data", "train_grid", "sampling", "ema", "decode", "resume", "pytest_cuda", "data_e2e"]
+
+
+@pytest.fixture(scope="module")
+def gpu_check_cpu(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict, Path]:
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(out)}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out / "out"), "--cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=500, env=env)
+    report = json.loads((out / "out" / "gpu_check.json").read_text())
+    return proc, report, out / "out"
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_runs_every_step(gpu_check_cpu):
+    proc, report, out = gpu_check_cpu
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert [s["name"] for s in report["steps"]] == GPU_CHECK_STEPS
+    assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
+    assert report["gpu_figures"] is False and report["env"]["mode"] == "cpu" and not report["env"]["missing"]
+    # The summary table comes last, and says that nothing in it is a GPU figure.
+    tail = proc.stdout.strip().splitlines()
+    assert tail[-1].startswith("9 steps, 0 not ok")
+    assert any("CPU mode: no GPU figures" in line for line in tail[-25:])
+    assert (out / "summary.txt").read_text().splitlines()[-1] == tail[-1]
+    assert "=== resume" in (out / "gpu_check.log").read_text()
+    assert report["decode"]["pass"] and report["decode"]["candidate"] == "dali-cpu"
+    assert report["resume"]["pass"] and report["resume"]["stop_step"] < report["resume"]["steps"]
+    assert report["pytest_cuda"]["failed"] == 0 and report["pytest_cuda"]["tests"] >= 1
+
+
+@pytest.mark.slow
+def test_train_step_bench_json(gpu_check_cpu):
+    _, report, _ = gpu_check_cpu
+    grid = report["train_grid"]["grid"]
+    assert report["train_grid"]["gpu_figures"] is False and grid["matmul"]["tflops"] > 0
+    assert {"peak_mem_gb", "mfu"} <= set(grid["nulls"])  # nulls, each with its reason
+    rows = grid["rows"]
+    assert {(r["precision"], r["channels_last"]) for r in rows} == {("fp32", False), ("fp32", True),
+                                                                   ("fp16", False), ("fp16", True)}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["flops_per_step"] > 0 and r["loss_finite"]
+        assert r["mfu"] is None and "peak_mem_gb" not in r and r["batch"] == 4 and not r["compile"]
+        assert r["flops_by_op"]["convolution"] > 0 and r["flops_by_op"]["bmm"] > 0  # attention counted too
+    ema = report["ema"]["ema"]
+    assert ema["torch_ema_ms"] > 0 and ema["foreach_ms"] > 0 and ema["step_ms"] > 0
+    assert ema["foreach_max_abs_diff"] < 1e-6 and ema["foreach_advised"] is None
+    data, e2e = report["data_e2e"]["data"], report["data_e2e"]["e2e"]
+    assert [d["loader"] for d in data["rows"]] == ["dali-cpu", "torch"] and "dali-mixed" in data["nulls"]
+    assert all(0 <= d["data_wait"] < 1 and d["images_per_s"] > 0 for d in data["rows"])
+    assert [r["name"] for r in e2e["rows"]] == ["seed-style", "ours"] and e2e["ratio"] > 0
+    assert not e2e["rows"][0]["fused_adamw"] and e2e["rows"][1]["ema"]
+
+
+@pytest.mark.slow
+def test_sampling_bench_json(gpu_check_cpu):
+    _, report, _ = gpu_check_cpu
+    s = report["sampling"]
+    assert s["gpu_figures"] is False and s["nulls"]["graphs"] == "needs CUDA"
+    timed = [r for r in s["rows"] if "seconds" in r]
+    assert {(r["sampler"], r["steps"]) for r in timed} == {("ddim", 10), ("ddpm", 20)}
+    assert all(r["seconds"] > 0 and r["images_per_s"] > 0 and r["finite"] and r["batch"] == 4 for r in timed)
+    assert all(r["skipped"] == "needs CUDA" for r in s["rows"] if r["mode"] == "graphs")
+    (t,) = s["throughput"]
+    assert t["largest_batch"] == 8 and t["ddim50_images_per_s"] > 0 and [p["batch"] for p in t["points"]] == [4, 8]
+
+
+def test_sampling_bench_budget(tmp_path: Path):
+    """A budget spent before a chain starts skips it and says why."""
+    path = tmp_path / "sampling.json"
+    run_bench("sampling.py", "--cpu", "--samplers", "ddim2,ddpm1000", "--modes", "eager", "--max-batch", "4",
+              "--budget-s", "0.5", "--json", str(path))
+    rows = json.loads(path.read_text())["rows"]
+    assert rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
+    assert rows[1]["steps"] == 1000 and rows[1]["skipped"].startswith("--budget-s")
+
+
+def test_gpu_peaks_match_datasheet_names():
+    from bench.common import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == gpu_peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0 and gpu_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_peak_tflops("NVIDIA H100 NVL") is None and gpu_peak_tflops("Tesla T4") is None
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "sampling.py", "decode_check.py", "resume_check.py"])
+def test_gpu_bench_help(script: str):
+    assert "--json" in run_bench(script, "--help").stdout
+
+
+def test_train_step_bench_rejects_unknown_names():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--cpu", "--precisions", "fp8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--precisions 'fp8'" in out.stderr and "fp16" in out.stderr
+
+
+def test_gpu_check_skips_dali_steps_without_dali(tmp_path: Path):
+    """Without DALI the DALI steps are skipped with the reason (to be run later with --only dali), not failed."""
+    (tmp_path / "hide" / "nvidia").mkdir(parents=True)
+    (tmp_path / "hide" / "nvidia" / "__init__.py").write_text("")  # a plain package that shadows nvidia.dali
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": str(tmp_path / "hide")}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path / "out"), "--cpu", "--only",
+                           "decode,resume"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert [(s["name"], s["status"]) for s in report["steps"]] == [("env", "ok"), ("data", "ok"),
+                                                                   ("decode", "skipped"), ("resume", "skipped")]
+    assert "no NVIDIA DALI" in report["steps"][2]["reason"] and report["env"]["missing"] == ["nvidia-dali"]
