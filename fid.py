@@ -1,0 +1,174 @@
+"""FID and KID of images against a shards folder's cached reference statistics: shared by evaluate.py and train.py.
+
+The reference images are read through data.make_loader with every shard's sha256 checked (a damaged shard is an
+error, never a short set); their statistics are cached under ~/.cache/celeba-ddpm/ref-stats keyed by the shards'
+checksums, the split, the count, kid_max and the feature network's identity (file name and sha256), so evaluate.py
+and the training-time evaluation share one cache entry. TrainingFID is the training-time evaluation: FID and KID of a
+fixed set of EMA samples (DDIM, fixed noise) at a few steps, cheap enough to follow a run's progress.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import metrics
+from atomic import atomic_write
+from data import DataError, ShardReadError, make_loader
+from images import to_uint8
+from manifest import MANIFEST, read_manifest
+from metrics import FeatureNet, FeatureStats
+from utills import writing
+
+REF_KID_MAX = 10000  # reference features kept for KID (evaluate.py's default, so both share the cached statistics)
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (unknown metric, missing manifest, size mismatch): a one-line message."""
+
+
+def reference_loaders(shards: Path, split: str, batch_size: int) -> list:
+    """Loaders over the split(s) in manifest order, through the same indexed reader as training; every shard's
+    sha256 is checked against the manifest first, so a damaged or rewritten shard is an error, never a short or
+    silently different reference set."""
+    names = ["train", "valid", "test"] if split == "all" else [split]
+    manifest = read_manifest(shards)
+    return [make_loader(shards, batch_size, split=name, backend="torch", device="cpu", shuffle=False, flip=False,
+                        num_threads=0, verify=True) for name in names if name in manifest["splits"] or split != "all"]
+
+
+def reference_images(loaders: list, limit: int) -> Iterator[np.ndarray]:
+    """uint8 [H, W, 3] pictures of the loaders' samples, in order, at most `limit` (0: all)."""
+    given = 0
+    for loader in loaders:
+        for batch in loader:
+            # The loader gives x / 127.5 - 1 of the decoded uint8 pixels; this inverts it exactly.
+            pictures = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            for picture in pictures.numpy():
+                yield picture
+                given += 1
+                if limit and given >= limit:
+                    return
+
+
+def batched(pictures: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Stack a stream of [H, W, 3] pictures into [B, H, W, 3] batches."""
+    batch: list[np.ndarray] = []
+    for p in pictures:
+        batch.append(p)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
+
+
+def feature_stats(pictures: Iterator[np.ndarray], net: FeatureNet, batch_size: int, keep: int,
+                  advance: Callable[[int], None] = lambda n: None) -> FeatureStats:
+    """Features of a picture stream -> running mean/covariance (+ the first `keep` features); `advance(n)` reports
+    progress."""
+    stats = FeatureStats(keep=keep)
+    for batch in batched(pictures, batch_size):
+        stats.add(net(batch))
+        advance(len(batch))
+    return stats
+
+
+def reference_stats(shards: str | Path, split: str, net: FeatureNet, image_size: int, *, batch_size: int = 64,
+                    ref_max: int = 0, kid_max: int = REF_KID_MAX, cache_dir: str | Path = "",
+                    log: Callable[[str], None] = print,
+                    compute: Callable[[Iterator[np.ndarray], int], FeatureStats] | None = None
+                    ) -> tuple[FeatureStats, dict]:
+    """Statistics of the reference split, from the cache when these shards (by their verified checksums), this split
+    and this feature network were done before. `compute(pictures, count)` replaces the plain feature_stats (evaluate.py
+    passes one with a progress bar)."""
+    shards = Path(shards)
+    try:
+        loaders = reference_loaders(shards, split, batch_size)
+    except FileNotFoundError as e:
+        if not (shards / MANIFEST).is_file():
+            raise EvalError(f"{shards}: no manifest.json (not a prepare_shards output folder)") from None
+        raise EvalError(str(e)) from None
+    except DataError as e:
+        raise EvalError(str(e)) from None
+    if loaders[0].image_size != image_size:
+        raise EvalError(f"{shards}: reference images are {loaders[0].image_size} px but the model makes "
+                        f"{image_size} px; shard the data at --size {image_size}")
+    count = sum(loader.num_samples for loader in loaders)
+    count = min(count, ref_max) if ref_max else count
+    checksums = [s["sha256"] for loader in loaders for s in loader.shards]
+    info = {"shards": str(shards), "split": split, "count": count, "feature_network": net.name,
+            "kid_max": kid_max, "shards_sha256": hashlib.sha256("".join(checksums).encode()).hexdigest()}
+    key = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "shards"}, sort_keys=True).encode())
+    cache = Path(cache_dir) if cache_dir else metrics.cache_root() / "ref-stats"
+    path = cache / f"ref-{key.hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            stats = FeatureStats.from_npz(path)
+            log(f"reference statistics from cache {path}")
+            return stats, {**info, "cache": str(path)}
+        except (OSError, ValueError, KeyError) as e:
+            log(f"warning: {path}: unreadable cache ({e}); computing again")
+    pictures = reference_images(loaders, count)
+    try:
+        stats = compute(pictures, count) if compute else feature_stats(pictures, net, batch_size, kid_max)
+    except ShardReadError as e:
+        raise EvalError(str(e)) from None
+    if stats.count != count:  # never a silently short reference set
+        raise EvalError(f"{shards}: read {stats.count} reference images of split {split!r}, the manifest lists "
+                        f"{count}")
+    with writing(path):
+        atomic_write(path, stats.to_bytes())
+    return stats, {**info, "cache": str(path)}
+
+
+def scores(gen: FeatureStats, ref: FeatureStats, wanted: tuple[str, ...] | list[str] = ("fid", "kid"),
+           kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
+    """{"fid", "kid_mean", "kid_std", "kid_subsets", "kid_subset_size"} (those asked for) of generated vs reference."""
+    result: dict = {}
+    if "fid" in wanted:
+        result["fid"] = metrics.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+    if "kid" in wanted:
+        mean, std = metrics.kernel_inception_distance(gen.features, ref.features, kid_subsets, kid_subset_size, seed)
+        result.update(kid_mean=mean, kid_std=std, kid_subsets=kid_subsets,
+                      kid_subset_size=min(kid_subset_size, len(gen.features), len(ref.features)))
+    return result
+
+
+class TrainingFID:
+    """FID and KID of `n` EMA samples (DDIM with `steps` steps, the same noise every time) against the training
+    shards' cached statistics; keeps the best FID so far. Rank 0 only; the global random states are left untouched."""
+
+    def __init__(self, shards: str | Path, image_size: int, channels: int, n: int, steps: int, seed: int,
+                 device: torch.device, batch_size: int = 64, ref_max: int = 0, log: Callable[[str], None] = print):
+        # The feature network first: without it, stop before the first training step rather than at the first eval.
+        self.net = metrics.load_feature_net("inception", device=device)
+        self.ref, self.ref_info = reference_stats(shards, "train", self.net, image_size, batch_size=batch_size,
+                                                  ref_max=ref_max, log=log)
+        self.n, self.steps, self.batch_size, self.seed = n, steps, batch_size, seed
+        self.noise = torch.randn((n, channels, image_size, image_size), generator=torch.Generator().manual_seed(seed))
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module, ema, diffusion, amp) -> dict:
+        """{"fid", "kid", "kid_std", "eval_n", "eval_s"} of the EMA weights; model is left in train mode."""
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        model.eval()
+        gen = FeatureStats(keep=self.n)
+        with ema.average_parameters(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
+            for i in range(0, self.n, self.batch_size):
+                noise = self.noise[i:i + self.batch_size].to(device)
+                x = diffusion.sample(model, tuple(noise.shape), sampler="ddim", steps=min(self.steps,
+                                     diffusion.num_timesteps), noise=noise)
+                gen.add(self.net(to_uint8(x)))
+        model.train()
+        out = scores(gen, self.ref, seed=self.seed, kid_subsets=100, kid_subset_size=1000)
+        fid = out["fid"] if math.isfinite(out["fid"]) else None
+        return {"fid": fid, "kid": out["kid_mean"], "kid_std": out["kid_std"], "eval_n": self.n,
+                "eval_s": time.perf_counter() - t0}
