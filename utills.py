@@ -112,6 +112,10 @@ class RunPaths:
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
 
+    @property
+    def best_fid(self) -> Path:  # the checkpoint with the best training-time FID (not step-*: never pruned or resumed)
+        return self.checkpoints / "best-fid.pt"
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}.pt"
 
@@ -288,13 +292,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int) -> Path:
+def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int, best: bool = False) -> Path:
     """Write `ckpt` as `run_dir/checkpoints/step-{step:08d}.pt`, then keep only the newest `keep` (0 keeps all).
+    With `best` (a new best training-time FID) also as `best-fid.pt`, which pruning and resume never touch.
 
     Pruning comes after the new file is renamed into place and its folder fsynced, so a kill at any moment leaves at
     least one complete checkpoint. Temporary files left by an earlier killed write are removed as well.
     """
     path = atomic_save(checkpoint_path(run_dir, step), ckpt)
+    if best:
+        atomic_save(run_paths(run_dir).best_fid, ckpt)
     remove_stale_temporaries(path.parent, ".step-*.pt.tmp-*")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -333,9 +340,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         if "Weights only load failed" in lines[0]:
             # PyTorch's own text suggests weights_only=False; say plainly what that would mean instead.
-            what = next((line for line in lines if "GLOBAL" in line or "global" in line), "").rstrip(".")
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" (it names {named.group(1)})" if named else ""
             raise CheckpointError(f"{path}: refused and not loaded: the file holds Python objects that would run code "
-                                  f"when unpickled, which no checkpoint of this project does ({what[:160]})") from None
+                                  f"when unpickled, which no checkpoint of this project does{what}") from None
         raise CheckpointError(f"{path}: cannot be loaded ({lines[0][:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (found {type(ckpt).__name__})")
@@ -455,6 +463,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken (skipped fp16 updates included)
     epoch: int = 0  # the epoch of the last batch trained on
     images_seen: int = 0  # over all ranks
+    best_fid: float | None = None  # the best training-time FID so far (train.py --eval-every), None before any
+    best_fid_step: int = -1  # the step it was measured at
 
 
 @dataclass
@@ -482,6 +492,8 @@ def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, 
         "step": int(state.step),
         "epoch": int(state.epoch),
         "images_seen": int(state.images_seen),
+        "best_fid": None if state.best_fid is None else float(state.best_fid),
+        "best_fid_step": int(state.best_fid_step),
         "data_state": pack_ranks(data_states) if data_states is not None else None,
         "rng": pack_ranks(rngs) if rngs is not None else None,
         "config": dict(config),
@@ -508,6 +520,9 @@ def restore_checkpoint(ckpt: dict, state: TrainState, *, rank: int = 0, world_si
         state.scaler.load_state_dict(ckpt["scaler"])
     state.step, state.epoch = int(ckpt["step"]), int(ckpt.get("epoch", 0))
     state.images_seen = int(ckpt.get("images_seen", 0))
+    # Checkpoints from before --eval-every have neither key: no best FID yet.
+    state.best_fid = None if ckpt.get("best_fid") is None else float(ckpt["best_fid"])
+    state.best_fid_step = int(ckpt.get("best_fid_step", -1))
     return Resumed(data_state=this_rank(ckpt.get("data_state"), rank, world_size),
                    rng=this_rank(ckpt.get("rng"), rank, world_size))
 
