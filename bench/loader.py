@@ -47,6 +47,7 @@ import config  # noqa: E402
 from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
 import data  # noqa: E402
+from manifest import read_manifest  # noqa: E402
 
 console = Console()
 CELEBA_BOX = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # the 128x128 box centred at (89, 121) of 178x218
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw_bytes = common.mean_file_bytes(paths)
         console.print(f"raw JPEGs: {len(paths):,}, {raw_bytes / 1e3:.1f} KB on average "
                       f"(real CelebA: {common.CELEBA_MEAN_JPEG_BYTES / 1e3:.1f} KB)")
-        manifest = data.read_manifest(shards)
+        manifest = read_manifest(shards)
         shard_size, shard_samples = manifest["size"], manifest["splits"][cfg.split]["count"]
         if shard_size != cfg.size:
             console.print(f"[yellow]note: the shards are {shard_size} px; the baseline resizes to {cfg.size} px")

@@ -52,6 +52,7 @@ import data  # noqa: E402
 from bench import common  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from ema import EMA  # noqa: E402
+from manifest import read_manifest  # noqa: E402
 from training import make_optimizer, train_step  # noqa: E402
 from unet import PRESETS, build_unet  # noqa: E402
 from utills import PRECISIONS, TrainState, autocast  # noqa: E402
@@ -401,7 +402,7 @@ def dali_name(device: torch.device) -> str:
 def run_data(cfg: BenchConfig, device: torch.device, shards: Path, report: dict) -> None:
     """The data-wait share of a short real run of --data-preset, with DALI and with the torch loader."""
     precision = "fp16" if device.type == "cuda" else "fp32"  # train.py's --precision auto
-    size = data.read_manifest(shards)["size"]
+    size = read_manifest(shards)["size"]
     rows = []
     for backend in ("dali", "torch"):
         name = dali_name(device) if backend == "dali" else "torch"
@@ -487,7 +488,7 @@ def ours_loop(cfg: BenchConfig, device: torch.device, shards: Path, size: int) -
 
 def run_e2e(cfg: BenchConfig, device: torch.device, src: Path, shards: Path, report: dict) -> None:
     """The seed-style loop against ours, end to end, one after the other on the same images."""
-    size = data.read_manifest(shards)["size"]
+    size = read_manifest(shards)["size"]
     rows = [seed_style_loop(cfg, device, src, size)]
     free(device)
     rows.append(ours_loop(cfg, device, shards, size))
