@@ -76,7 +76,7 @@ class EvalConfig:
     CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin")}
     BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "batch_size": ">= 1", "steps": ">= 1", "eta": "0..1",
                               "seed": ">= 0", "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "kid_max": ">= 2",
-                              "threads": ">= 0"}
+                              "threads": ">= 0", "guidance": ">= 0"}
 
 
 

@@ -79,7 +79,7 @@ class SampleConfig:
     CHOICES: ClassVar[dict] = {"sampler": SAMPLERS, "precision": tuple(PRECISIONS),
                                "variance": ("fixed_small", "fixed_large")}
     BOUNDS: ClassVar[dict] = {"n": ">= 1", "batch_size": ">= 1", "steps": ">= 1", "trajectory_rows": ">= 1",
-                              "seed": ">= 0", "eta": "0..1", "threads": ">= 0"}
+                              "seed": ">= 0", "eta": "0..1", "threads": ">= 0", "guidance": ">= 0"}
 
 
 class SampleError(ValueError):
