@@ -75,7 +75,11 @@ def main(cfg: DemoConfig) -> None:
              "--batch-size", str(batch), "--steps", str(steps), "--device", device, "--lr", "1e-3",
              "--warmup", "100", "--ema-decay", "0.995", "--objective", "v", "--ckpt-every", str(max(steps // 8, 1)),
              "--sample-every", str(max(steps // 8, 1)), "--sample-steps", "25", "--log-every", "50",
-             "--loader", "dali"]
+             "--loader", "dali",
+             # The training-time FID curve (on the loss plot): few samples and reference images on the CPU, where
+             # the FID Inception runs at a few images per second.
+             "--eval-every", str(max(steps // 4, 1)), "--eval-n", "500" if cuda else "64", "--eval-steps", "25",
+             "--eval-ref-max", "0" if cuda else "256"]
     first = subprocess.Popen(train)
     console.print(f"[bold cyan]$ {' '.join(train)}[/]  (will be interrupted)")
     deadline = time.monotonic() + (cfg.interrupt_after or (90.0 if not cuda else 30.0))

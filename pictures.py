@@ -107,7 +107,8 @@ def smooth(values: np.ndarray, weight: float | None = None) -> np.ndarray:
 
 
 def loss_plot(run: str | os.PathLike) -> Path:
-    """RUN/metrics.jsonl -> RUN/loss.png: raw and smoothed loss on a log scale, and the learning rate below."""
+    """RUN/metrics.jsonl -> RUN/loss.png: raw and smoothed loss on a log scale, the training-time FID (train.py
+    --eval-every) on a second axis when the run has one, and the learning rate below."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,7 +128,14 @@ def loss_plot(run: str | os.PathLike) -> Path:
     if (loss > 0).all():
         ax1.set_yscale("log")
     ax1.set_ylabel("loss")
-    ax1.legend(loc="upper right")
+    fid = [(r["step"], r["fid"]) for r in read_metrics(path) if isinstance(r.get("fid"), (int, float))]
+    handles, labels = ax1.get_legend_handles_labels()
+    if fid:  # its own axis: FID falls from hundreds while the loss moves by a factor of two
+        ax3 = ax1.twinx()
+        ax3.plot([s for s, _ in fid], [v for _, v in fid], "o-", color="tab:red", lw=1.5, ms=4, label="FID (EMA)")
+        ax3.set_ylabel("FID", color="tab:red")
+        handles, labels = handles + ax3.get_legend_handles_labels()[0], labels + ["FID (EMA)"]
+    ax1.legend(handles, labels, loc="upper right")
     ax1.grid(alpha=0.3, which="both")
     lr = [(r["step"], r["lr"]) for r in recs if isinstance(r.get("lr"), (int, float))]
     if lr:
@@ -135,7 +143,7 @@ def loss_plot(run: str | os.PathLike) -> Path:
     ax2.set_ylabel("lr")
     ax2.set_xlabel("step")
     ax2.grid(alpha=0.3)
-    ax1.set_title(f"{paths.root.name}: training loss")
+    ax1.set_title(f"{paths.root.name}: training loss" + (" and FID" if fid else ""))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -40,7 +40,9 @@ from config import ConfigError
 from data import DaliMissingError, DataError, ShardReadError, make_loader
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
+from fid import EvalError, TrainingFID
 from images import save_grid
+from metrics import MetricsError
 from training import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
 from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
@@ -86,7 +88,11 @@ class TrainConfig:
     sample_steps: int = 50  # DDIM steps for those grids
     log_every: int = 100  # steps per log line and metrics.jsonl record
     resume: str = "auto"  # auto (newest valid checkpoint in OUT, if any) | never | PATH (checkpoint or run folder)
-    tensorboard: bool = False  # also write TensorBoard scalars and grids to OUT/tensorboard
+    tensorboard: bool = False  # also write TensorBoard scalars, grids, FID and the config to OUT/tensorboard
+    eval_every: int = 0  # every N steps and at the end: FID/KID of --eval-n EMA samples vs the shards (0 = never)
+    eval_n: int = 1000  # samples per training-time evaluation (the same noise every time; 50,000 for paper numbers)
+    eval_steps: int = 50  # DDIM steps of those samples
+    eval_ref_max: int = 0  # reference images from the training split for those FIDs (0 = all; cached once)
     # Hardware.
     device: str = "auto"  # auto | cuda | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
@@ -103,7 +109,8 @@ class TrainConfig:
         "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
         "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
         "ema_decay": "0..1", "steps": ">= 0", "epochs": ">= 0", "base_channels": ">= 0", "dropout": "..1",
-        "threads": ">= 0", "seed": ">= 0"}
+        "threads": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "eval_n": ">= 2", "eval_steps": ">= 1",
+        "eval_ref_max": ">= 0"}
     REQUIRED: ClassVar[tuple] = ("data",)
     RETIRED: ClassVar[tuple] = ("fault_nan_at_step", "fault_nan_steps")  # test hooks once in config.json
 
@@ -336,9 +343,10 @@ def format_status(m: dict, total: int) -> str:
     eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"])) if m["eta_s"] < 86400 else f"{m['eta_s'] / 86400:.1f}d"
     mem = f" | mem {m['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in m else ""
     loss = "nan" if m["loss"] is None else f"{m['loss']:.4f}"
+    fid = f" | FID {m['fid']:.2f} KID {m['kid']:.4f}" if m.get("fid") is not None else ""
     return (f"step {m['step']}/{total} ep {m['epoch']} | loss {loss} | lr {m['lr']:.2e} | "
             f"gnorm {m['grad_norm']:.3f} | scale {m['loss_scale']:g} | {m['images_per_s']:.1f} img/s | "
-            f"data {100 * m['data_wait']:.0f}%{mem} | skipped {m['skipped_steps']} | eta {eta}")
+            f"data {100 * m['data_wait']:.0f}%{mem} | skipped {m['skipped_steps']}{fid} | eta {eta}")
 
 
 def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, ranks: Ranks, console: Console,
@@ -350,6 +358,9 @@ def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, rank
         try:
             from torch.utils.tensorboard import SummaryWriter
             writer = cleanup.enter_context(SummaryWriter(str(run.tensorboard), purge_step=step + 1))
+            # The config as text (indented: TensorBoard's markdown shows it as a code block), once per start.
+            writer.add_text("config", "\n".join("    " + line for line in json.dumps(asdict(cfg), indent=2)
+                                                 .splitlines()), step)
         except ImportError:
             console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
     metrics_file = None
@@ -377,8 +388,24 @@ def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
     return stop_signal
 
 
+def write_record(record: dict, eval_keys: Collection[str], run: RunPaths, metrics_file, writer, progress, task,
+                 console: Console, total_steps: int) -> None:
+    """One metrics record (rank 0): a metrics.jsonl line, TensorBoard scalars (train/ and eval/), the status line."""
+    with writing(run.metrics, run.root):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    if writer is not None:
+        for key, value in record.items():
+            if key not in ("step", "epoch") and value is not None:
+                writer.add_scalar(f"{'eval' if key in eval_keys else 'train'}/{key}", value, record["step"])
+    if progress.disable:
+        console.print(format_status(record, total_steps))
+    else:
+        progress.update(task, status=format_status(record, total_steps))
+
+
 def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: Ranks, loader, diffusion, noise_gen,
-                     console: Console, last: Path | None) -> Path | None:
+                     console: Console, last: Path | None, best: bool = False) -> Path | None:
     """Every rank's random and data states, gathered; rank 0 checks the weights and writes; all wait for it.
 
     Called when no batch has been fetched since this step's, so the loader's state is the position right after it.
@@ -398,8 +425,8 @@ def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: 
             raise FloatingPointError(f"step {state.step}: the weights are not finite; not writing a checkpoint "
                                      f"over {last or 'the previous ones'}")
         with writing(path, run.root):
-            last = save_checkpoint(run.root, ckpt, state.step, cfg.keep)
-        console.print(f"checkpoint: {last}")
+            last = save_checkpoint(run.root, ckpt, state.step, cfg.keep, best=best)
+        console.print(f"checkpoint: {last}" + (f" (best FID {state.best_fid:.2f}: {run.best_fid})" if best else ""))
     if ranks.world_size > 1:
         dist.barrier(group=ranks.control)
     return last
@@ -493,6 +520,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         # Fixed noise for the sample grids: the same 64 starting points every time, so the grids show progress.
         sample_noise = torch.randn((64, model.config["in_channels"], loader.image_size, loader.image_size),
                                    generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+        # FID during training (rank 0): the feature network and the training shards' statistics (cached), once.
+        fid_eval = TrainingFID(cfg.data, loader.image_size, model.config["in_channels"], cfg.eval_n, cfg.eval_steps,
+                               cfg.seed, device, ref_max=cfg.eval_ref_max) if ranks.is_main and cfg.eval_every else None
 
         # Logs, signal handlers, the lock and the process group are undone by `cleanup` however the run ends.
         if world_size > 1:
@@ -537,8 +567,16 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             step = state.step
             checkpoint_now = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps or stopping
 
+            # FID of the EMA samples (rank 0); a new best FID is checkpointed too, as best-fid.pt.
+            evaluating = fid_eval is not None and (step % cfg.eval_every == 0 or step == total_steps)
+            scores = fid_eval(model, state.ema, diffusion, amp) if evaluating else {}
+            best = ranks.any(scores.get("fid") is not None and scores["fid"] < (state.best_fid or math.inf))
+            if best and scores:
+                state.best_fid, state.best_fid_step = scores["fid"], step
+            checkpoint_now, last_log_time = checkpoint_now or best, last_log_time + scores.get("eval_s", 0.0)
+
             # Log: read the device values back, average the loss over ranks, one line and one JSON record.
-            if step % cfg.log_every == 0 or checkpoint_now:
+            if step % cfg.log_every == 0 or checkpoint_now or scores:
                 mean_loss = stats.read(ranks, cfg.max_nonfinite, step, ckpt_written)
                 now = time.perf_counter()
                 adam_state = optimizer.state.get(next(iter(model.parameters())), {})
@@ -552,18 +590,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 record["eta_s"] = (total_steps - step) * cfg.batch_size / max(record["images_per_s"], 1e-9)
                 if device.type == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if ranks.is_main:
-                    with writing(run.metrics, run.root):
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                    if writer is not None:
-                        for key, value in record.items():
-                            if key not in ("step", "epoch") and value is not None:
-                                writer.add_scalar(f"train/{key}", value, step)
-                    if progress.disable:
-                        console.print(format_status(record, total_steps))
-                    else:
-                        progress.update(task, status=format_status(record, total_steps))
+                if ranks.is_main:  # the scores join the record of their step (one record per step)
+                    write_record({**record, **scores}, scores, run, metrics_file, writer, progress, task, console,
+                                 total_steps)
                 last_log_time, last_log_images, data_wait = now, state.images_seen, 0.0
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
@@ -584,7 +613,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             if checkpoint_now and saved_step != step:
                 watch.check()
                 ckpt_written = write_checkpoint(run, state, cfg, ranks, loader, diffusion, noise_gen, console,
-                                                ckpt_written)
+                                                ckpt_written, best)
                 saved_step = step
             if stopping:
                 name = signal.Signals(stop_signal[0]).name if stop_signal else "a signal on another rank"
@@ -601,7 +630,7 @@ if __name__ == "__main__":
     try:
         main(*config.parse(TrainConfig))
     except (ConfigError, CheckpointError, DataError, ShardReadError, DaliMissingError, FileNotFoundError,
-            FloatingPointError, RunLocked, WriteError) as e:
+            FloatingPointError, RunLocked, WriteError, EvalError, MetricsError) as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -1,6 +1,7 @@
 """pictures.py on a short real `tiny` run and the 32 px shards: progress GIF, loss curve, noising strip, the CLI."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -115,3 +116,19 @@ def test_cli_noising(shards: Path, tmp_path: Path):
     assert "wrote noising.png" in proc.stderr
     pictures.noising_strip(shards, tmp_path / "same.png", seed=0)
     assert (tmp_path / "noising.png").read_bytes() == (tmp_path / "same.png").read_bytes()
+
+
+def test_loss_plot_draws_the_training_fid(tmp_path: Path):
+    """FID records (train.py --eval-every) add a curve on a second axis; the plot is made either way."""
+    import matplotlib.pyplot as plt
+    lines = [{"step": i, "loss": 1.0 / i, "lr": 1e-3} for i in range(1, 21)]
+    lines[9]["fid"], lines[19]["fid"] = 300.0, 120.0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    made: list = []
+    real = plt.Figure.savefig
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(plt.Figure, "savefig", lambda fig, *a, **k: (made.append(fig), real(fig, *a, **k))[1])
+        path = pictures.loss_plot(tmp_path)
+    assert path.is_file() and path.stat().st_size > 0
+    fid_axes = [ax for ax in made[0].axes if ax.get_ylabel() == "FID"]
+    assert len(fid_axes) == 1 and list(fid_axes[0].lines[0].get_ydata()) == [300.0, 120.0]

@@ -319,10 +319,51 @@ def test_lr_schedule():
 
 
 def test_tensorboard_scalars_and_grids(shards: Path, tmp_path: Path):
-    pytest.importorskip("tensorboard")
+    """Read back with TensorBoard's own event reader: the loss, the sample grid and the config as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
     train.main(_cfg(shards, out, steps=2, ckpt_every=0, tensorboard=True, sample_every=2, sample_steps=2))
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "train/grad_norm"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert tags["images"] == ["samples"] and events.Images("samples")[0].step == 2
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"preset": "tiny"' in text and '"steps": 2' in text
+
+
+def test_fid_during_training_with_the_real_network_and_resume(shards: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """--eval-every on a tiny run with the packaged FID Inception (6 samples, 12 reference images: it runs at a few
+    images per second here): FID/KID in metrics.jsonl, TensorBoard and the status line; the best checkpoint kept
+    apart from pruning; a resume keeps the history and the best FID."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from utills import read_metrics
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the reference statistics' cache
+    out = tmp_path / "run"
+    kw = dict(ckpt_every=2, keep=1, eval_every=2, eval_n=6, eval_steps=2, eval_ref_max=12, tensorboard=True)
+    train.main(_cfg(shards, out, steps=4, **kw))
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "fid" in r]
+    assert [r["step"] for r in evals] == [2, 4] and [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["fid"] > 0 and np.isfinite(r["kid"]) and r["eval_n"] == 6 and "loss" in r for r in evals)
+    best = min(evals, key=lambda r: r["fid"])
+    best_ckpt = load_checkpoint(out / "checkpoints" / "best-fid.pt")
+    assert (best_ckpt["step"], best_ckpt["best_fid"]) == (best["step"], best["fid"])
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000004.pt"]  # keep=1 prunes step-* only
+    assert len(list((tmp_path / "cache" / "celeba-ddpm" / "ref-stats").glob("ref-*.npz"))) == 1
+    # Resume to step 6: the history is kept, the cached reference statistics reused, the best FID carried over.
+    train.main(_cfg(shards, out, steps=6, **kw))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "fid" in r] == [2, 4, 6]
+    assert [r["fid"] for r in records if r["step"] in (2, 4)] == [r["fid"] for r in evals]
+    last = load_checkpoint(out / "checkpoints" / "step-00000006.pt")
+    assert last["best_fid"] == min(r["fid"] for r in records if "fid" in r)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/fid")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("eval/kid")] == [2, 4, 6]
 
 
 # ------------------------------------------------------------------------------------------------- multi-process
