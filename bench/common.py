@@ -83,6 +83,25 @@ def gpu_peak_tflops(name: str | None) -> float | None:
     return None
 
 
+def free(device) -> None:
+    """Give the memory of the last benchmark row back, so that each row's peak is its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether `e` is CUDA running out of memory (the benches then try a smaller batch)."""
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
+
+
 def sync(device) -> None:
     """Wait for the device's queued work, so that a wall-clock reading covers it (a no-op on the CPU)."""
     import torch

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import re
 import sys
@@ -170,17 +169,6 @@ def fastest(rows: list[dict], preset: str) -> tuple[str, str] | None:
     return None if best is None else (best["precision"], best["mode"])
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
-
-
 def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
 
@@ -266,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                         row = {**key, "error": error_text(e)}
                         console.print(f"[red]{sampler}-{steps} {preset} {precision} {mode}: {row['error']}")
                         traceback.print_exc(limit=3)
-                    free(device)
+                    common.free(device)
                     report["rows"].append(row)
                     save()
 
@@ -295,8 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
                              best_ddim50_images_per_s=max(entry["best_ddim50_images_per_s"] or 0,
                                                           points[-1]["ddim50_images_per_s"]))
             except Exception as e:  # out of memory ends the doubling; the largest batch is the one before
-                points.append({"batch": batch, "error": "out of memory" if is_oom(e) else error_text(e)})
-            free(device)
+                points.append({"batch": batch, "error": "out of memory" if common.is_oom(e) else error_text(e)})
+            common.free(device)
             save()
             if "error" in points[-1]:
                 break

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -174,18 +173,6 @@ def timed(step: Callable[[], object], device: torch.device, warmup: int, steps: 
     return t1 - t0, (time.perf_counter() - t1) / steps
 
 
-def free(device: torch.device) -> None:
-    """Give the memory of the last row back, so that each row's peak is its own."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e)
-
-
 # ------------------------------------------------------------------------------------------------------ grid
 
 @dataclass(frozen=True)
@@ -224,7 +211,7 @@ def measure_row(row: Row, cfg: BenchConfig, device: torch.device, batch: int, fl
     if key not in flops_cache:  # the same in every precision, layout and mode: counted once, on the eager module
         flops_cache[key] = count_flops(state.model, diffusion, x0, amp)
     flops, by_op = flops_cache[key]
-    free(device)
+    common.free(device)
     if row.mode == "compile":
         # A fresh start for each compiled row: past dynamo's recompile limit (8 per function) a new model instance
         # would silently run eager. Inductor's on-disk cache still spares the kernels' second build.
@@ -278,14 +265,14 @@ def run_grid(cfg: BenchConfig, device: torch.device, info: dict, report: dict, s
             try:
                 result = measure_row(row, cfg, device, batch, flops_cache)
             except Exception as e:  # one row failing (a compiler error, say) must not cost the others
-                if is_oom(e) and batch > 1:
+                if common.is_oom(e) and batch > 1:
                     oom = True
                 else:
                     result = {**dataclasses.asdict(row), "batch": batch,
                               "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"}
                     console.print(f"[red]{row.name}: {result['error']}")
                     traceback.print_exc(limit=3)
-            free(device)  # outside the except block, whose traceback held the failed row's tensors
+            common.free(device)  # outside the except block, whose traceback held the failed row's tensors
             if oom:
                 console.print(f"[yellow]{row.name}: out of memory at batch {batch}, trying {batch // 2}")
                 batch //= 2
@@ -420,7 +407,7 @@ def run_data(cfg: BenchConfig, device: torch.device, shards: Path, report: dict)
         console.print(f"data wait, {name:10s}: {100 * m['data_wait']:5.1f}% of {m['seconds']:.1f} s, "
                       f"{m['images_per_s']:,.1f} images/s")
         del loader, state
-        free(device)
+        common.free(device)
     report["data"] = {"rows": rows}
     if device.type != "cuda":
         report["data"]["nulls"] = {"dali-mixed": NO_CUDA + " (DALI decoded on the CPU here)"}
@@ -490,9 +477,9 @@ def run_e2e(cfg: BenchConfig, device: torch.device, src: Path, shards: Path, rep
     """The seed-style loop against ours, end to end, one after the other on the same images."""
     size = read_manifest(shards)["size"]
     rows = [seed_style_loop(cfg, device, src, size)]
-    free(device)
+    common.free(device)
     rows.append(ours_loop(cfg, device, shards, size))
-    free(device)
+    common.free(device)
     out = {"preset": cfg.e2e_preset, "image_size": size, "batch": cfg.batch_size, "rows": rows, "ratio": None}
     if all("images_per_s" in r for r in rows):
         out["ratio"] = round(rows[1]["images_per_s"] / rows[0]["images_per_s"], 3)
