@@ -83,6 +83,24 @@ def gpu_peak_tflops(name: str | None) -> float | None:
     return None
 
 
+def parse_config(cls: type, argv: list[str] | None, cpu_defaults: dict, check=None):
+    """A bench's flags (config.parse, no --config file); with --cpu, `cpu_defaults` for every flag not given; then
+    `check(cfg)`. A bad value is one line and exit 1."""
+    import dataclasses
+
+    import config
+
+    try:
+        cfg, given = config.parse(cls, argv, config_file=False)
+        if cfg.cpu:
+            cfg = dataclasses.replace(cfg, **{k: v for k, v in cpu_defaults.items() if k not in given})
+        if check is not None:
+            check(cfg)
+    except config.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    return cfg
+
+
 def free(device) -> None:
     """Give the memory of the last benchmark row back, so that each row's peak is its own."""
     import gc

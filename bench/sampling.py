@@ -199,13 +199,7 @@ def run_row(cfg: SamplingConfig, device: torch.device, diffusion: GaussianDiffus
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        cfg, given = config.parse(SamplingConfig, argv, config_file=False)
-        if cfg.cpu:
-            cfg = dataclasses.replace(cfg, **{k: v for k, v in CPU_DEFAULTS.items() if k not in given})
-        check_lists(cfg)
-    except config.ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = common.parse_config(SamplingConfig, argv, CPU_DEFAULTS, check_lists)
     if not cfg.cpu and not torch.cuda.is_available():  # GPU sizes would take hours on a CPU
         raise SystemExit("error: no CUDA GPU here: add --cpu (tiny sizes on the CPU; flags given explicitly still win)")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not cfg.cpu \

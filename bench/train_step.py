@@ -505,13 +505,7 @@ def fake_data(tmp: Path, count: int, size: int) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        cfg, given = config.parse(BenchConfig, argv, config_file=False)
-        if cfg.cpu:
-            cfg = dataclasses.replace(cfg, **{k: v for k, v in CPU_DEFAULTS.items() if k not in given})
-        check_lists(cfg)
-    except config.ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = common.parse_config(BenchConfig, argv, CPU_DEFAULTS, check_lists)
     if bool(cfg.src) != bool(cfg.shards):
         raise SystemExit("error: give both --src (raw JPEGs) and --shards (their prepare_shards output), or neither")
     if not cfg.cpu and not torch.cuda.is_available():  # GPU sizes would take hours on a CPU
