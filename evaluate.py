@@ -32,11 +32,11 @@ from PIL import Image
 import config
 import fid
 import metrics
+from atomic import atomic_write
 from config import ConfigError
-from fid import EvalError, batched, reference_images, reference_loaders  # noqa: F401 (evaluate.X for tests)
+from fid import EvalError
 from metrics import FeatureNet, FeatureStats, MetricsError
 from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
-from atomic import atomic_write
 from utills import CheckpointError, Loaded, WriteError, load_model, pick_device, run_paths, set_threads, writing
 
 METRICS = ("fid", "kid")

@@ -185,6 +185,18 @@ def names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def finish_check(path: str, report: dict) -> dict:
+    """The end of a pass/fail check: its report to `path` (atomically) and to stdout as one JSON line; exit 1 when
+    report["pass"] is false."""
+    import json
+
+    write_json(path, report)
+    print(json.dumps(report))
+    if not report["pass"]:
+        raise SystemExit(1)
+    return report
+
+
 def write_json(path: str, report: dict) -> None:
     """Write a benchmark's report atomically (a reader, or a kill half-way, never sees half a file)."""
     import json

@@ -12,7 +12,6 @@ Exit status 1 when the check fails.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode check {verdict}: {names[0]} vs {names[1]} over {result['images']} images: max "
           f"{result['max_abs_levels']:.2f} levels, mean {result['mean_abs_levels']:.3f}, "
           f"{result['pixels_over_tol']} values over {cfg.tol:g}; attributes equal: {result['attrs_equal']}")
-    common.write_json(cfg.json, report)
-    print(json.dumps(report))
-    if not report["pass"]:
-        raise SystemExit(1)
-    return report
+    return common.finish_check(cfg.json, report)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ share of each run. Exit status 1 when a check fails.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import statistics
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not report["pass"]:
         print("first run's log (end):\n" + first_log[-2000:] + "\nsecond run's log (end):\n"
               + (second.stdout + second.stderr)[-2000:])
-    common.write_json(cfg.json, report)
-    print(json.dumps(report))
-    if not report["pass"]:
-        raise SystemExit(1)
-    return report
+    return common.finish_check(cfg.json, report)
 
 
 if __name__ == "__main__":

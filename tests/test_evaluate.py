@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+import fid
 import metrics
 from evaluate import EvalConfig, EvalError
 from tiny_run import tiny_run
@@ -26,8 +27,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 @pytest.fixture(scope="module")
 def ref_pictures(shards: Path) -> np.ndarray:
     """The 163 training images of the 32 px shards, uint8 [N, 32, 32, 3]."""
-    loaders = evaluate.reference_loaders(shards, "train", 64)
-    pictures = np.stack(list(evaluate.reference_images(loaders, 0)))
+    loaders = fid.reference_loaders(shards, "train", 64)
+    pictures = np.stack(list(fid.reference_images(loaders, 0)))
     assert pictures.shape == (163, 32, 32, 3)
     return pictures
 
@@ -218,9 +219,9 @@ def test_a_damaged_reference_shard_is_an_error_never_a_short_set(run: Path, shar
 
 
 def test_reference_images_are_the_manifest_count(shards: Path):
-    loaders = evaluate.reference_loaders(shards, "all", 50)
-    assert sum(1 for _ in evaluate.reference_images(loaders, 0)) == 203
-    assert sum(1 for _ in evaluate.reference_images(loaders, 30)) == 30
+    loaders = fid.reference_loaders(shards, "all", 50)
+    assert sum(1 for _ in fid.reference_images(loaders, 0)) == 203
+    assert sum(1 for _ in fid.reference_images(loaders, 30)) == 30
 
 
 # ------------------------------------------------------------------------------------ the packaged FID Inception
