@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from atomic import atomic_write
+from atomic import atomic_write, fsync_dir
 from config import ConfigError
 from diffusion import GaussianDiffusion
 from ema import EMA
@@ -275,11 +275,6 @@ def lock_run(run: RunPaths) -> Any:
     return f
 
 
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    """Where the checkpoint of `step` lives."""
-    return run_paths(run_dir).checkpoint(step)
-
-
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, oldest (lowest step) first; `run_dir` may also be the checkpoints folder itself."""
     run_dir = Path(run_dir)
@@ -292,6 +287,21 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _link_or_save(source: Path, target: Path, ckpt: dict) -> None:
+    """`target` as a second name of the complete file `source` (a hard link renamed into place: atomic, and no second
+    serialisation of a checkpoint that may be gigabytes); a new atomic save where the file system has no hard links."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_save(target, ckpt)
+        return
+    fsync_dir(target.parent)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int, best: bool = False) -> Path:
     """Write `ckpt` as `run_dir/checkpoints/step-{step:08d}.pt`, then keep only the newest `keep` (0 keeps all).
     With `best` (a new best training-time FID) also as `best-fid.pt`, which pruning and resume never touch.
@@ -299,9 +309,9 @@ def save_checkpoint(run_dir: str | os.PathLike, ckpt: dict, step: int, keep: int
     Pruning comes after the new file is renamed into place and its folder fsynced, so a kill at any moment leaves at
     least one complete checkpoint. Temporary files left by an earlier killed write are removed as well.
     """
-    path = atomic_save(checkpoint_path(run_dir, step), ckpt)
+    path = atomic_save(run_paths(run_dir).checkpoint(step), ckpt)
     if best:
-        atomic_save(run_paths(run_dir).best_fid, ckpt)
+        _link_or_save(path, run_paths(run_dir).best_fid, ckpt)
     remove_stale_temporaries(path.parent, ".step-*.pt.tmp-*")
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
