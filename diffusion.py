@@ -309,11 +309,14 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------------------------------------- loss
 
     def loss(self, model: Model, x0: torch.Tensor, cond: torch.Tensor | None = None, p_uncond: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, p_free: float = 0.0) -> torch.Tensor:
         """Mean over the batch of the (min-SNR weighted) MSE between model output and target at uniform t.
 
-        x0: [B, C, H, W] data in [-1, 1]; cond: optional [B, D] attributes, each row replaced by -1 (null) with
-        probability p_uncond for classifier-free guidance; generator: for t, noise and the dropout draws.
+        x0: [B, C, H, W] data in [-1, 1]; cond: optional [B, D] 0/1 attributes, each row replaced by -1 (null, all
+        unknown) with probability p_uncond for classifier-free guidance; generator: for t, noise and the dropout draws.
+        p_free (three-state models): the probability that a row leaves some of its attributes free (-1): the row draws
+        a rate r ~ U(0, 1) and each attribute is then unknown with probability r, independently, so every number of
+        known attributes (0..D) is equally likely and "Eyeglasses=1, the rest free" is a case the model has seen.
         The model call runs under the caller's autocast; the target and the squared error in float32.
         """
         b, device = x0.shape[0], x0.device
@@ -323,6 +326,11 @@ class GaussianDiffusion(nn.Module):
         if cond is not None and p_uncond > 0:
             drop = _rand((b,), generator, device) < p_uncond
             cond = torch.where(drop[:, None], torch.full_like(cond, -1), cond)
+        if cond is not None and p_free > 0:  # drawn only when asked, so that two-state runs keep their noise stream
+            some = _rand((b, 1), generator, device) < p_free
+            rate = _rand((b, 1), generator, device)
+            free = some & (_rand(tuple(cond.shape), generator, device) < rate)
+            cond = torch.where(free, torch.full_like(cond, -1), cond)
         xt = self.q_sample(x0, t, noise)
         output = model(xt, t, cond=cond)
         with _no_autocast(device):

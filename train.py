@@ -69,7 +69,8 @@ class TrainConfig:
     objective: str = "eps"  # what the UNet predicts: eps | v | x0
     # Optimisation.
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (0 = off, 5 is usual)
-    p_uncond: float = 0.1  # with --cond: probability of training a row unconditionally (the null embedding)
+    p_uncond: float = 0.1  # with --cond: probability of training a row unconditionally (every attribute free)
+    p_free: float = 0.8  # with --cond: probability that a row leaves a random subset of its attributes free
     batch_size: int = 128  # images per step, summed over all ranks
     lr: float = 2e-4  # AdamW learning rate after warm-up
     weight_decay: float = 0.0  # AdamW weight decay
@@ -107,7 +108,7 @@ class TrainConfig:
     BOUNDS: ClassVar[dict] = {
         "num_workers": ">= -1", "timesteps": ">= 2", "batch_size": ">= 1", "log_every": ">= 1", "sample_steps": ">= 1",
         "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
-        "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
+        "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1", "p_free": "0..1",
         "ema_decay": "0..1", "steps": ">= 0", "epochs": ">= 0", "base_channels": ">= 0", "dropout": "..1",
         "threads": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "eval_n": ">= 2", "eval_steps": ">= 1",
         "eval_ref_max": ">= 0"}
@@ -243,7 +244,7 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes
     """The UNet: the checkpoint's architecture when resuming (checked against the data), else the preset's."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP checks that)
     if ckpt is None:
-        overrides = {"image_size": image_size, "cond_dim": len(attributes) if cfg.cond else 0}
+        overrides = {"image_size": image_size, "cond_dim": len(attributes) if cfg.cond else 0, "cond_free": cfg.cond}
         if cfg.base_channels > 0:
             overrides["base_channels"] = cfg.base_channels
         if cfg.dropout >= 0:
@@ -475,6 +476,11 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             model.to(memory_format=torch.channels_last)
         diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
                                       min_snr_gamma=cfg.min_snr_gamma or None).to(device)
+        # Three-state models learn free attributes; a two-state checkpoint (older versions) trains on as it was.
+        p_free = cfg.p_free if model.cond_free else 0.0
+        if cfg.cond and not model.cond_free:
+            console.print("[yellow]this checkpoint's model has two-state attributes (trained before attributes could "
+                          "be left free): --p-free is ignored, unnamed attributes stay 0 when sampling")
         console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
         if ranks.is_main:  # only now that the data and the checkpoint have been accepted
@@ -555,7 +561,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             # One step: loss under autocast, scaled backward, clipping, the update, the schedule and the EMA.
             lr = optimizer.param_groups[0]["lr"]
             loss, grad_norm = train_step(net, state, diffusion, x0, amp=amp, generator=noise_gen, cond=cond,
-                                         p_uncond=cfg.p_uncond if cfg.cond else 0.0, grad_clip=cfg.grad_clip,
+                                         p_uncond=cfg.p_uncond if cfg.cond else 0.0, p_free=p_free,
+                                         grad_clip=cfg.grad_clip,
                                          poison=nan_fault(state.step + 1))
 
             # Update the running statistics; agree across ranks whether a signal asked us to stop.

@@ -25,7 +25,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
 
 def train_step(net: torch.nn.Module, state: TrainState, diffusion: GaussianDiffusion, x0: torch.Tensor, *,
                amp: contextlib.AbstractContextManager, generator: torch.Generator, cond: torch.Tensor | None = None,
-               p_uncond: float = 0.0, grad_clip: float = 0.0, poison: bool = False
+               p_uncond: float = 0.0, p_free: float = 0.0, grad_clip: float = 0.0, poison: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of `state` (its model, optimizer, scaler, scheduler and EMA) on the batch x0; returns the loss
     (detached) and the gradient norm before clipping, both still on the device.
@@ -38,7 +38,7 @@ def train_step(net: torch.nn.Module, state: TrainState, diffusion: GaussianDiffu
 
     # Forward and backward under autocast; the diffusion maths runs in fp32 inside loss().
     with amp:
-        loss = diffusion.loss(net, x0, cond=cond, p_uncond=p_uncond, generator=generator)
+        loss = diffusion.loss(net, x0, cond=cond, p_uncond=p_uncond, generator=generator, p_free=p_free)
     if poison:
         loss = loss * float("nan")
     optimizer.zero_grad(set_to_none=True)

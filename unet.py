@@ -7,10 +7,14 @@ connection, nearest-neighbour upsampling, then GroupNorm, SiLU and a zero-initia
 
 The model knows nothing of the noise schedule: `t` is only an integer fed to a sinusoidal embedding.
 
-Conditioning (`cond_dim > 0`): a [B, cond_dim] 0/1 attribute vector is embedded by a Linear layer and added to the
-timestep embedding. A row whose entries are all negative (by convention -1) means "unconditional" and uses a learned
-null embedding instead; `cond=None` means null for every row. This is what classifier-free guidance trains and samples
-with. With `cond_dim=0` there is no conditioning path and `cond` is accepted and ignored.
+Conditioning (`cond_dim > 0`): a [B, cond_dim] attribute vector is embedded and added to the timestep embedding.
+With `cond_free=True` (every model trained since attributes could be left free) each entry has three states: 1, 0,
+or -1 = unknown ("free": the model draws it as the data has it). Each attribute owns a learned vector for "yes" and
+one for "no", an unknown one contributes nothing, and their sum goes through a small MLP; a row of all -1 is the
+unconditional model that classifier-free guidance contrasts with. With `cond_free=False` (the two-state models of
+earlier versions, kept so their checkpoints load) entries are 0/1 and only a row of all -1 is special: a learned
+null embedding. `cond=None` means all unknown / null for every row. With `cond_dim=0` there is no conditioning path
+and `cond` is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -169,8 +173,9 @@ class UNet(nn.Module):
     channel_mult: per-level width multipliers of C (one level per entry, halving the resolution between levels);
     num_res_blocks: res blocks per level on the way down (one more on the way up); attn_resolutions: resolutions
     that get self-attention after each res block; num_heads: attention heads; dropout: in every res block;
-    cond_dim: length of the attribute vector (0: unconditional); use_scale_shift_norm: the embedding scales and
-    shifts the second norm instead of being added (improved-diffusion); num_groups: GroupNorm groups.
+    cond_dim: length of the attribute vector (0: unconditional); cond_free: three-state attributes (1 / 0 / -1 free)
+    instead of the older 0/1 vector with a null row; use_scale_shift_norm: the embedding scales and shifts the second
+    norm instead of being added (improved-diffusion); num_groups: GroupNorm groups.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class UNet(nn.Module):
         num_heads: int = 1,
         dropout: float = 0.1,
         cond_dim: int = 0,
+        cond_free: bool = False,
         use_scale_shift_norm: bool = False,
         num_groups: int = 32,
     ):
@@ -195,6 +201,8 @@ class UNet(nn.Module):
             attn_resolutions=[int(r) for r in attn_resolutions], num_heads=int(num_heads), dropout=float(dropout),
             cond_dim=int(cond_dim), use_scale_shift_norm=bool(use_scale_shift_norm), num_groups=int(num_groups),
         )
+        if cond_free:  # only written when set, so that a two-state model's config (and checkpoint) reads as before
+            self.config["cond_free"] = True
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
             raise ValueError(f"unet: image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
@@ -203,6 +211,7 @@ class UNet(nn.Module):
                 raise ValueError(f"unet: {base_channels * m} channels do not split into {num_groups} groups")
         self.image_size = image_size
         self.cond_dim = cond_dim
+        self.cond_free = bool(cond_free) and cond_dim > 0
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
 
@@ -214,7 +223,11 @@ class UNet(nn.Module):
 
         # Timestep embedding: sinusoid of width base_channels, then an MLP to 4 * base_channels (DDPM).
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cond_dim > 0:
+        if self.cond_free:
+            # [yes | no] indicators -> embedding: one learned vector per attribute and state (a Linear on the
+            # indicators is exactly that sum), then an MLP so that attributes can interact (a hat hides the hair).
+            self.cond_mlp = nn.Sequential(nn.Linear(2 * cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        elif cond_dim > 0:
             self.cond_proj = nn.Linear(cond_dim, emb_dim)
             self.null_emb = nn.Parameter(torch.zeros(emb_dim))
 
@@ -260,21 +273,22 @@ class UNet(nn.Module):
                                  zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Timestep (+ attribute) embedding. t: [B] ints, cond: [B, cond_dim] 0/1, -1 rows = null -> [B, 4*ch]."""
+        """Timestep (+ attribute) embedding. t: [B] ints, cond: [B, cond_dim] (1 / 0 / -1, see above) -> [B, 4*ch]."""
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
-        if self.cond_dim > 0:
-            null = self.null_emb.to(emb.dtype).expand(emb.shape[0], -1)
-            if cond is None:
-                emb = emb + null
-            else:
-                if cond.shape != (t.shape[0], self.cond_dim):
-                    raise ValueError(f"unet: cond has shape {tuple(cond.shape)}, expected ({t.shape[0]}, "
-                                     f"{self.cond_dim})")
-                cond = cond.to(self.cond_proj.weight.dtype)
-                is_null = (cond < 0).all(dim=1, keepdim=True)
-                c = self.cond_proj(cond.clamp(min=0))
-                emb = emb + torch.where(is_null, null.to(c.dtype), c)
-        return emb
+        if self.cond_dim == 0:
+            return emb
+        if cond is None:
+            cond = torch.full((t.shape[0], self.cond_dim), -1.0, device=emb.device)
+        elif cond.shape != (t.shape[0], self.cond_dim):
+            raise ValueError(f"unet: cond has shape {tuple(cond.shape)}, expected ({t.shape[0]}, {self.cond_dim})")
+        if self.cond_free:
+            w = self.cond_mlp[0].weight
+            states = torch.cat([cond > 0.5, (cond > -0.5) & (cond < 0.5)], dim=1).to(w.dtype)  # [yes | no]; -1: both 0
+            return emb + self.cond_mlp(states)
+        cond = cond.to(self.cond_proj.weight.dtype)
+        is_null = (cond < 0).all(dim=1, keepdim=True)
+        c = self.cond_proj(cond.clamp(min=0))
+        return emb + torch.where(is_null, self.null_emb.to(c.dtype).expand_as(c), c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, C, H, W], t: [B] integer timesteps in 0..T-1, cond: optional [B, cond_dim] -> [B, C, H, W]."""

@@ -572,6 +572,11 @@ class Loaded:
     def conditional(self) -> bool:
         return int(self.model_config.get("cond_dim", 0) or 0) > 0
 
+    @property
+    def free_attributes(self) -> bool:
+        """Whether an attribute can be left free (three-state models); older two-state models read it as 0."""
+        return self.conditional and bool(self.model_config.get("cond_free", False))
+
 
 def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu") -> Loaded:
     """Rebuild the UNet and diffusion from a run folder, a checkpoint file or an exported safetensors file."""
