@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from atomic import atomic_write
 
@@ -43,6 +43,24 @@ def png_bytes(picture: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2) -> Path:
-    """Save [B,C,H,W] images in [-1, 1] as one PNG grid with `nrow` images per row, atomically."""
-    return atomic_write(path, png_bytes(make_grid(images, nrow=nrow, padding=padding)))
+def label_rows(grid: np.ndarray, labels: list[str], row_height: int, padding: int) -> np.ndarray:
+    """The grid with a white margin on the left holding one text label per row (PIL's built-in font)."""
+    font = ImageFont.load_default()
+    width = max(int(math.ceil(font.getlength(t))) for t in labels) + 8
+    canvas = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid if grid.shape[-1] == 3 else np.repeat(grid, 3, axis=-1)), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        y = padding + r * (row_height + padding) + row_height // 2
+        draw.text((4, y), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, padding: int = 2,
+              labels: list[str] | None = None) -> Path:
+    """Save [B,C,H,W] images in [-1, 1] as one PNG grid with `nrow` images per row, atomically; `labels`: one text
+    per row, drawn in a margin on the left."""
+    grid = make_grid(images, nrow=nrow, padding=padding)
+    if labels:
+        grid = label_rows(grid, labels, images.shape[-2], padding)
+    return atomic_write(path, png_bytes(grid))

@@ -4,6 +4,8 @@
     python sample.py --ckpt RUN --n 50000 --outdir samples/        # 000000.png, 000001.png ... resumable (for FID)
     python sample.py --ckpt RUN --trajectory traj.png              # noise -> face: predicted x0 at several steps
     python sample.py --ckpt RUN --attrs "Smiling=1,Eyeglasses=1" --guidance 3 --out smiling.png
+    python sample.py --ckpt RUN --sweep Eyeglasses,Smiling --n 8 --guidance 3 --out sweep.png  # rows: =0 / free / =1
+    python sample.py --ckpt RUN --attrs Wearing_Hat=1 --sweep guidance=1,2,3,5 --out hats.png  # rows: guidance scales
     python pictures.py --progress-gif RUN                          # progress GIF and loss curve: now in pictures.py
     python sample.py --ckpt RUN --export model.safetensors         # EMA weights + configs in the metadata
 
@@ -18,10 +20,16 @@ started again gives the images an uninterrupted run gives, and the grid of --n 1
 --outdir run. With deterministic DDIM (eta = 0, the default) an image depends only on (seed, i), not on --batch-size
 or --n (up to float rounding of batched kernels); with stochastic sampling it also depends on the batch layout.
 
-Conditioning. `--attrs "Smiling=1,Eyeglasses=0"` sets those attributes; every attribute left out is set to 0 (absent),
-as in CelebA's own 0/1 labels, so name the ones you care about (e.g. "Young=1,No_Beard=1"). A conditional model
-sampled without --attrs gives unconditional samples (the null embedding); --guidance w > 1 mixes the conditional and
-unconditional predictions as classifier-free guidance does.
+Conditioning. `--attrs "Smiling=1,Eyeglasses=0"` sets those attributes and leaves every other one free: the model draws
+it as the data has it (three-state models, trained with attributes dropped to "unknown" one by one). A conditional
+model sampled without --attrs leaves them all free: unconditional samples. --guidance w > 1 is classifier-free
+guidance, null + w * (cond - null) with null = every attribute free, so it pushes towards the named attributes only.
+Checkpoints from before free attributes (two-state models, no "cond_free" in their model config) load and sample as
+they always did: an attribute left out is 0 (absent), and no --attrs is the learned null embedding.
+
+Sweep grid (`--sweep`): the same starting noise in every column, one row per setting: "Eyeglasses,Smiling" gives rows
+Eyeglasses=0, free, =1 then Smiling=0, free, =1 (on top of --attrs; no "free" row for two-state models);
+"guidance=1,3,5" gives one row per guidance scale with --attrs. Each row is labelled on the left.
 """
 from __future__ import annotations
 
@@ -70,8 +78,9 @@ class SampleConfig:
     device: str = "auto"  # auto | cuda | cpu | cuda:N
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     precision: str = "fp32"  # fp32 | fp16 | bf16: autocast for the UNet (the diffusion maths stays fp32/float64)
-    attrs: str = ""  # conditional models: "Smiling=1,Eyeglasses=0"; attributes left out are 0
+    attrs: str = ""  # conditional models: "Smiling=1,Eyeglasses=0"; attributes left out are free
     guidance: float = 1.0  # classifier-free guidance scale (1 = plain conditional)
+    sweep: str = ""  # a sweep grid to --out: "Eyeglasses,Smiling" (rows =0 / free / =1) or "guidance=1,3,5"
     trajectory: str = ""  # PNG strip: a few samples from noise to face (predicted x0 at several steps)
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
@@ -100,7 +109,10 @@ def check_config(cfg: SampleConfig) -> None:
 # ------------------------------------------------------------------------------------------------ conditioning
 
 def parse_attrs(spec: str, loaded: Loaded) -> torch.Tensor | None:
-    """"Smiling=1,Eyeglasses=0" -> a [cond_dim] float vector (unnamed attributes 0); "" -> None (unconditional)."""
+    """"Smiling=1,Eyeglasses=0" -> a [cond_dim] float vector; "" -> None (every attribute free / unconditional).
+
+    Unnamed attributes are -1 (free) for a three-state model and 0 for a two-state one (see the module's text).
+    """
     if not spec.strip():
         return None
     if not loaded.conditional:
@@ -109,7 +121,7 @@ def parse_attrs(spec: str, loaded: Loaded) -> torch.Tensor | None:
     cond_dim = int(loaded.model_config["cond_dim"])
     if len(names) != cond_dim:
         raise SampleError(f"{loaded.source}: the checkpoint names {len(names)} attributes for cond_dim {cond_dim}")
-    vec = torch.zeros(cond_dim)
+    vec = torch.full((cond_dim,), -1.0 if loaded.free_attributes else 0.0)
     for item in spec.split(","):
         if not item.strip():
             continue
@@ -121,6 +133,52 @@ def parse_attrs(spec: str, loaded: Loaded) -> torch.Tensor | None:
             raise SampleError(f"--attrs: unknown attribute {name!r}; valid names: {', '.join(names)}")
         vec[names.index(name)] = float(value)
     return vec
+
+
+def sweep_rows(cfg: SampleConfig, loaded: Loaded) -> list[tuple[str, SampleConfig]]:
+    """The rows of a --sweep grid: (label, the settings of that row), checked before any sampling."""
+    spec = cfg.sweep.strip()
+    if spec.startswith("guidance="):
+        try:
+            scales = [float(v) for v in spec.partition("=")[2].split(",") if v.strip()]
+        except ValueError:
+            raise SampleError(f"--sweep: expected guidance=W1,W2,..., got {spec!r}") from None
+        if not scales or any(not math.isfinite(w) or w < 0 for w in scales):
+            raise SampleError(f"--sweep: guidance scales must be numbers >= 0, got {spec!r}")
+        if scales != [1.0] * len(scales):
+            parse_attrs(cfg.attrs, loaded)
+            if not cfg.attrs.strip():
+                raise SampleError("--sweep guidance=...: name the attributes to guide towards with --attrs")
+        return [(f"w={w:g}", dataclasses.replace(cfg, guidance=w)) for w in scales]
+    if not loaded.conditional:
+        raise SampleError(f"{loaded.source}: the model has no conditioning; --sweep over attributes needs one")
+    base = [item.strip() for item in cfg.attrs.split(",") if item.strip()]
+    rows = []
+    for name in (n.strip() for n in spec.split(",")):
+        if name not in loaded.attributes:
+            raise SampleError(f"--sweep: unknown attribute {name!r}; valid names: {', '.join(loaded.attributes)}")
+        others = [item for item in base if item.partition("=")[0].strip() != name]
+        values = ["0", "free", "1"] if loaded.free_attributes else ["0", "1"]
+        for value in values:
+            attrs = ",".join(others + ([] if value == "free" else [f"{name}={value}"]))
+            rows.append((f"{name}={value}", dataclasses.replace(cfg, attrs=attrs)))
+    for _, row in rows:
+        parse_attrs(row.attrs, loaded)
+    return rows
+
+
+def sweep_grid(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike) -> Path:
+    """One labelled row of cfg.n images per sweep setting; column j starts from image j's noise in every row."""
+    rows = sweep_rows(cfg, loaded)
+    pictures = []
+    with progress_bar() as bar:
+        task = bar.add_task(f"sweep {cfg.sweep}", total=len(rows) * cfg.n)
+        for _, row in rows:
+            for start, count in batches(cfg.n, cfg.batch_size):
+                pictures.append(sample_images(loaded, row, start, count))
+                bar.advance(task, count)
+    with writing(path):
+        return save_grid(torch.cat(pictures), path, nrow=cfg.n, padding=2, labels=[label for label, _ in rows])
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -284,7 +342,7 @@ def main(cfg: SampleConfig) -> list[Path]:
     set_threads(cfg.threads)
     wrote: list[Path] = []
     if not (cfg.out or cfg.outdir or cfg.trajectory or cfg.export):
-        cfg.out = "grid.png"
+        cfg.out = "sweep.png" if cfg.sweep else "grid.png"
     console.print(f"[bold]sample[/] {dataclasses.asdict(cfg)}")
 
     device = pick_device(cfg.device)
@@ -292,11 +350,17 @@ def main(cfg: SampleConfig) -> list[Path]:
     console.print(f"loaded {loaded.source} (step {loaded.step}, {loaded.weights} weights, {loaded.image_size} px, "
                   f"{'conditional' if loaded.conditional else 'unconditional'}) on {device}")
     parse_attrs(cfg.attrs, loaded)  # fail before any sampling
+    if cfg.sweep:
+        sweep_rows(cfg, loaded)
+        if not cfg.out:
+            raise SampleError("--sweep writes its grid to --out; give one")
 
     if cfg.export:
         with writing(cfg.export):
             wrote.append(export_safetensors(loaded, cfg.export))
-    if cfg.out:
+    if cfg.out and cfg.sweep:
+        wrote.append(sweep_grid(loaded, cfg, cfg.out))
+    elif cfg.out:
         images = sample_n(loaded, cfg)
         with writing(cfg.out):
             wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
