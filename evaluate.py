@@ -1,9 +1,10 @@
-"""FID and KID of a run's samples against the training shards; results in RUN/eval.json.
+"""FID and KID of a run's samples against the training shards, and how well it obeys its attributes; in RUN/eval.json.
 
     python evaluate.py --ckpt RUN --ref SHARDS                      # DDIM-50, 50k images, the packaged FID Inception
     python evaluate.py --ckpt RUN --ref SHARDS --inception inception-2015-12-05.pt --trust-inception  # NVIDIA's file
     python evaluate.py --ckpt RUN --ref SHARDS --n 10000 --steps 100 --metrics fid
     python evaluate.py --ckpt RUN --ref SHARDS --n 200 --features standin                 # plumbing only
+    python evaluate.py --ckpt RUN --metrics attrs --judge SHARDS/judge.pt --judge-guidance 1,3   # attributes only
 
 Samples go to --outdir (default RUN/eval/step-XXXXXXXX-ema-ddim50-eta0.0-seed0) through sample.py's functions, so an
 interrupted evaluation keeps its images and a rerun only makes the missing ones. Reference statistics (mean,
@@ -12,6 +13,15 @@ cached under --cache-dir keyed by the shard manifest's sha256, the split, --ref-
 Metric maths and the choice of feature network: see metrics.py (our own, following torch-fidelity and clean-fid,
 because neither imports without a CUDA-built torchvision). Papers to compare with (DDIM, CelebA 64, 50k samples vs
 the training set): DDIM 50 steps 9.17, 100 steps 6.53, 1000 steps 3.51; DDPM 1000 steps 5.98.
+
+Attributes (`--judge FILE`, a classifier trained by judge.py; or "attrs" in --metrics with SHARDS/judge.pt): --judge-n
+samples per setting, made in memory with sample.py's functions and the same noise in every setting, read by the judge.
+For a conditional model, each of --judge-attrs (default: the four the judge reads best, at >= 0.95 balanced accuracy)
+is requested =1 and =0 at each --judge-guidance with every other attribute free, and left free; the rate at which the
+judge sees it is reported beside the data's label rate and the rate the judge reads on held-out real faces (its own
+bias). For any model, the judged rate of every attribute in free samples against the same two: does the model
+reproduce the data's attribute mix? Results in eval.json ("attributes"), as tables on the terminal and in
+RUN/eval-attributes.md.
 """
 from __future__ import annotations
 
@@ -28,6 +38,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 from PIL import Image
+from rich.progress import Progress
+from rich.table import Table
 
 import config
 import fid
@@ -36,10 +48,12 @@ from atomic import atomic_write
 from config import ConfigError
 from fid import EvalError
 from metrics import FeatureNet, FeatureStats, MetricsError
-from sample import SampleConfig, SampleError, check_config, console, existing_images, progress_bar, write_outdir
+from judge import Judge, JudgeError, load_judge
+from sample import (SampleConfig, SampleError, batches, check_config, console, existing_images, progress_bar,
+                    sample_images, write_outdir)
 from utills import CheckpointError, Loaded, WriteError, load_model, pick_device, run_paths, set_threads, writing
 
-METRICS = ("fid", "kid")
+METRICS = ("fid", "kid", "attrs")
 SPLITS = ("train", "valid", "test", "all")
 
 
@@ -72,23 +86,41 @@ class EvalConfig:
     kid_subset_size: int = 1000  # KID: features per subset (clamped to the smaller set)
     kid_max: int = 10000  # KID: features kept per set (the first ones; shards are shuffled on disk)
     out: str = ""  # results JSON (default RUN/eval.json; each result is also appended to RUN/eval.jsonl)
+    judge: str = ""  # attribute judge (judge.py); adds the attribute report ("attrs" in --metrics)
+    judge_attrs: str = ""  # attributes to request =1 / =0 / free (default: the 4 the judge reads best, >= 0.95)
+    judge_guidance: str = "1,3"  # guidance scales of the requested-attribute report
+    judge_n: int = 200  # samples per setting of the attribute report
 
     CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin")}
     BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "batch_size": ">= 1", "steps": ">= 1", "eta": "0..1",
                               "seed": ">= 0", "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "kid_max": ">= 2",
-                              "threads": ">= 0", "guidance": ">= 0"}
+                              "threads": ">= 0", "guidance": ">= 0", "judge_n": ">= 1"}
 
 
 
 
 def check_eval_config(cfg: EvalConfig) -> list[str]:
-    """Validate; returns the metrics asked for."""
-    if not cfg.ckpt or not cfg.ref:
-        raise EvalError("--ckpt (run folder, checkpoint or .safetensors) and --ref (shards folder) are required")
+    """Validate; returns the metrics asked for (with "attrs" when a judge is given)."""
     wanted = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in wanted if m not in METRICS]
     if bad or not wanted:
         raise EvalError(f"--metrics: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(METRICS)})")
+    if cfg.judge and "attrs" not in wanted:
+        wanted.append("attrs")
+    if not cfg.ckpt:
+        raise EvalError("--ckpt (run folder, checkpoint or .safetensors) is required")
+    if not cfg.ref and ("fid" in wanted or "kid" in wanted):
+        raise EvalError("--ref (the shards folder) is required for FID and KID (--metrics attrs needs only --judge)")
+    if "attrs" in wanted and not cfg.judge:
+        if not cfg.ref or not (Path(cfg.ref) / "judge.pt").is_file():
+            raise EvalError("--metrics attrs: give --judge FILE (train one with: python judge.py --data SHARDS)")
+        cfg.judge = str(Path(cfg.ref) / "judge.pt")
+    try:
+        scales = [float(w) for w in cfg.judge_guidance.split(",") if w.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not w >= 0 for w in scales):
+        raise EvalError(f"--judge-guidance: expected numbers >= 0 separated by commas, got {cfg.judge_guidance!r}")
     config.check(cfg)
     return wanted
 
@@ -148,6 +180,99 @@ def generated_images(outdir: Path, n: int, image_size: int) -> Iterator[np.ndarr
         yield picture
 
 
+# ------------------------------------------------------------------------------------------------ attributes
+
+def judged_rates(loaded: Loaded, scfg: SampleConfig, judge: Judge, n: int, bar: Progress, task) -> torch.Tensor:
+    """Images 0..n-1 made with scfg (in memory) -> [A] the rate at which the judge sees each attribute."""
+    seen = []
+    for start, count in batches(n, scfg.batch_size):
+        seen.append(judge.predict(sample_images(loaded, scfg, start, count)))
+        bar.advance(task, count)
+    return torch.cat(seen).float().mean(0)
+
+
+def report_attributes(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> dict:
+    """The attribute report (see the module's text) -> the "attributes" part of eval.json."""
+    judge = load_judge(cfg.judge, device)
+    scales = [float(w) for w in cfg.judge_guidance.split(",") if w.strip()]
+    if loaded.conditional and loaded.attributes != judge.attributes:
+        raise EvalError(f"{judge.source}: the judge reads other attributes than {loaded.source} is conditioned on")
+    if cfg.judge_attrs.strip():
+        asked = [a.strip() for a in cfg.judge_attrs.split(",") if a.strip()]
+        for a in asked:
+            if a not in judge.attributes:
+                raise EvalError(f"--judge-attrs: unknown attribute {a!r}; the judge reads {', '.join(judge.attributes)}")
+    else:  # the four it reads best, in the judge's order
+        best = sorted(judge.attributes, key=lambda a: -judge.balanced_accuracy[a])[:4]
+        asked = [a for a in judge.attributes if a in best and judge.balanced_accuracy[a] >= 0.95]
+    asked = asked if loaded.conditional else []
+    base = sample_config(cfg)
+    settings = [("free", None, dataclasses.replace(base, attrs="", guidance=1.0))]
+    settings += [(a, (w, v), dataclasses.replace(base, attrs=f"{a}={v}", guidance=w))
+                 for a in asked for w in scales for v in (1, 0)]
+    index = {a: judge.attributes.index(a) for a in judge.attributes}
+    with progress_bar() as bar:
+        task = bar.add_task(f"attributes ({len(settings)} settings x {cfg.judge_n})", total=len(settings) * cfg.judge_n)
+        free = judged_rates(loaded, settings[0][2], judge, cfg.judge_n, bar, task)
+        requested = {a: {"attribute": a, "judge_balanced_accuracy": round(judge.balanced_accuracy[a], 4),
+                         "data_rate": round(judge.data_rate[a], 4), "judged_real_rate": round(judge.judged_real_rate[a], 4),
+                         "free": round(float(free[index[a]]), 4), "guidance": {}} for a in asked}
+        for a, (w, v), scfg in settings[1:]:
+            rate = judged_rates(loaded, scfg, judge, cfg.judge_n, bar, task)[index[a]]
+            requested[a]["guidance"].setdefault(f"{w:g}", {})["requested_1" if v else "requested_0"] = \
+                round(float(rate), 4)
+    mix = {a: {"data_rate": round(judge.data_rate[a], 4), "judged_real_rate": round(judge.judged_real_rate[a], 4),
+               "judged_samples": round(float(free[index[a]]), 4),
+               "judge_balanced_accuracy": round(judge.balanced_accuracy[a], 4)} for a in judge.attributes}
+    return {
+        "judge": str(judge.source),
+        "n": cfg.judge_n,
+        "guidance": scales,
+        "free_attributes": loaded.free_attributes,
+        "requested": list(requested.values()),
+        "mix": mix,
+        "mix_mean_abs_diff": round(float(np.mean([abs(m["judged_samples"] - m["judged_real_rate"])
+                                                  for m in mix.values()])), 4),
+    }
+
+
+def attribute_tables(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report as (title, header, rows) tables: the requested attributes, then the attribute mix."""
+    tables = []
+    scales = [f"{w:g}" for w in rep["guidance"]]
+    if rep["requested"]:
+        header = ["attribute", "judge acc.", "data", "judged real", "free"]
+        header += [f"w={w} {k}" for w in scales for k in ("=1", "=0")]
+        rows = [[r["attribute"], f"{r['judge_balanced_accuracy']:.3f}", f"{r['data_rate']:.3f}",
+                 f"{r['judged_real_rate']:.3f}", f"{r['free']:.3f}"]
+                + [f"{r['guidance'][w][k]:.3f}" for w in scales for k in ("requested_1", "requested_0")]
+                for r in rep["requested"]]
+        tables.append((f"requested attributes: judged rate in {rep['n']} samples each (others free)", header, rows))
+    header = ["attribute", "judge acc.", "data", "judged real", "judged samples", "difference"]
+    rows = [[a, f"{m['judge_balanced_accuracy']:.3f}", f"{m['data_rate']:.3f}", f"{m['judged_real_rate']:.3f}",
+             f"{m['judged_samples']:.3f}", f"{m['judged_samples'] - m['judged_real_rate']:+.3f}"]
+            for a, m in rep["mix"].items()]
+    tables.append((f"attribute mix of {rep['n']} free samples (mean |difference| {rep['mix_mean_abs_diff']:.3f})",
+                   header, rows))
+    return tables
+
+
+def show_attributes(rep: dict, md_path: Path) -> None:
+    """Print the tables and write them as Markdown to md_path."""
+    md = []
+    for title, header, rows in attribute_tables(rep):
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        md += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    with writing(md_path):
+        atomic_write(md_path, ("\n".join(md)).encode())
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(cfg: EvalConfig) -> dict:
@@ -158,34 +283,37 @@ def main(cfg: EvalConfig) -> dict:
     set_threads(cfg.threads)
     console.print(f"[bold]evaluate[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
-    # Load the feature network first: a missing Inception file should stop us before an hour of sampling.
-    net = metrics.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception)
+    fid_wanted = [m for m in wanted if m in ("fid", "kid")]
+    # Load the feature network and the judge first: a missing file should stop us before an hour of sampling.
+    net = metrics.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
+        if fid_wanted else None
+    if "attrs" in wanted:
+        load_judge(cfg.judge)
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     run = run_folder(loaded, cfg.ckpt)
-    outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)
+    result: dict = {}
 
-    # Reference statistics (cached), before sampling so that a bad --ref fails fast too.
-    ref, ref_info = reference_stats(cfg, net, loaded.image_size)
+    if fid_wanted:
+        outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)
+        # Reference statistics (cached), before sampling so that a bad --ref fails fast too.
+        ref, ref_info = reference_stats(cfg, net, loaded.image_size)
+        # Generated images: only the missing ones are made.
+        have = len(existing_images(outdir, cfg.n))
+        made = write_outdir(loaded, scfg, outdir, cfg.n)
+        console.print(f"{outdir}: {have} images reused, {made} made")
+        gen = feature_stats(generated_images(outdir, cfg.n, loaded.image_size), cfg.n, net, cfg, "generated")
+        result = fid.scores(gen, ref, fid_wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+        result.update({"n": cfg.n, "feature_network": net.name, "reference": ref_info, "samples": str(outdir)})
+    if "attrs" in wanted:
+        result["attributes"] = report_attributes(cfg, loaded, device)
 
-    # Generated images: only the missing ones are made.
-    have = len(existing_images(outdir, cfg.n))
-    made = write_outdir(loaded, scfg, outdir, cfg.n)
-    console.print(f"{outdir}: {have} images reused, {made} made")
-    gen = feature_stats(generated_images(outdir, cfg.n, loaded.image_size), cfg.n, net, cfg, "generated")
-
-    # The metrics.
-    result = fid.scores(gen, ref, wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
     result.update({
-        "n": cfg.n,
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
                     "variance": cfg.variance if cfg.sampler == "ddpm" else None, "seed": cfg.seed,
                     "guidance": cfg.guidance, "attrs": cfg.attrs, "precision": cfg.precision},
         "weights": loaded.weights,
-        "feature_network": net.name,
         "checkpoint": str(loaded.source),
         "step": loaded.step,
-        "reference": ref_info,
-        "samples": str(outdir),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     })
@@ -194,18 +322,23 @@ def main(cfg: EvalConfig) -> dict:
         atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
     with writing(out.with_suffix(".jsonl")), open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
-    shown = "  ".join([f"FID {result['fid']:.3f}"] if "fid" in result else [])
-    if "kid" in wanted:
-        shown += f"  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}"
-    console.print(f"[bold green]{shown}[/] (n={cfg.n}, {cfg.sampler}-{cfg.steps}, vs {ref_info['count']} "
-                  f"{cfg.ref_split} images, {net.name}) -> {out}")
+    if "attrs" in wanted:
+        show_attributes(result["attributes"], out.with_name(out.stem + "-attributes.md"))
+    if fid_wanted:
+        shown = "  ".join([f"FID {result['fid']:.3f}"] if "fid" in result else [])
+        if "kid" in wanted:
+            shown += f"  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}"
+        console.print(f"[bold green]{shown}[/] (n={cfg.n}, {cfg.sampler}-{cfg.steps}, vs "
+                      f"{result['reference']['count']} {cfg.ref_split} images, {net.name}) -> {out}")
+    else:
+        console.print(f"[bold green]attribute report[/] -> {out}")
     return result
 
 
 def cli(argv: list[str] | None = None) -> None:
     try:
         main(config.parse(EvalConfig, argv)[0])
-    except (EvalError, ConfigError, MetricsError, SampleError, CheckpointError, WriteError, FileNotFoundError,
+    except (EvalError, JudgeError, ConfigError, MetricsError, SampleError, CheckpointError, WriteError, FileNotFoundError,
             ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

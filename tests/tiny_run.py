@@ -38,20 +38,23 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
     return run
 
 
-def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def conditional_run(tmp_path_factory: pytest.TempPathFactory, free: bool = False) -> Path:
     """A run folder holding one checkpoint of an untrained conditional `tiny` UNet, made by utills.make_checkpoint
-    (the one function that builds checkpoints) without an optimizer: enough to sample, not to resume."""
+    (the one function that builds checkpoints) without an optimizer: enough to sample, not to resume.
+
+    free=False: a two-state model (0/1 attributes and a null row), as every conditional model was before attributes
+    could be left free; free=True: a three-state model (cond_free), as train.py --cond builds now."""
     from diffusion import GaussianDiffusion
     from ema import EMA
     from fake_celeba import ATTRIBUTES
     from unet import build_unet
     from utills import TrainState, make_checkpoint, run_paths, save_checkpoint
 
-    run = tmp_path_factory.getbasetemp() / "sample-tests" / "cond-run"
+    run = tmp_path_factory.getbasetemp() / "sample-tests" / ("cond-free-run" if free else "cond-run")
     if (run / "DONE").exists():
         return run
     torch.manual_seed(0)
-    model = build_unet("tiny", image_size=16, cond_dim=len(ATTRIBUTES))
+    model = build_unet("tiny", image_size=16, cond_dim=len(ATTRIBUTES), cond_free=free)
     with torch.no_grad():  # the zero-initialised output layers would make an untrained model ignore its input
         for p in model.parameters():
             if p.ndim > 1 and not p.any():
