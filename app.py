@@ -1,0 +1,518 @@
+"""Faces in a web page: a local Gradio app over a run (pick a checkpoint, set the sampler, press Generate).
+
+    python app.py --ckpt RUN                                   # http://127.0.0.1:7860, the run's newest checkpoint
+    python app.py --ckpt RUN/checkpoints/step-00004000.pt --port 8000 --device cpu
+
+The page shows what the checkpoint is (step, images seen, parameters, image size, EMA or not, conditional or not)
+with the run's loss curve and FID history, and offers sample.py's settings: sampler, steps, eta, seed, number of
+faces, precision, and for a conditional model one yes / no / free control per attribute and the guidance scale.
+Generate makes the grid through sample.py's own functions (sample_n, then save_grid to a PNG file: the code path of
+`sample.py --out`), so the page shows the bytes `sample.py` writes for the same settings and seed; the status line
+prints that sample.py command. Each face is also its own PNG (the bytes of `sample.py --outdir`), downloadable from
+the gallery. The checkpoint dropdown lists the run's checkpoints and switches between them without a restart.
+
+Local and offline: no share link, no analytics, no fonts or scripts from outside (system fonts only); the server
+listens on --host (127.0.0.1: this machine only). A bad checkpoint, a setting the model cannot take or running out of
+memory is one line on the page, and the server keeps running. Gradio is imported here only (`pip install -e .[app]`).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import html
+import itertools
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from rich.console import Console
+
+import config
+from atomic import atomic_write
+from config import ConfigError
+from images import png_bytes, save_grid, to_uint8
+from sample import SampleConfig, batches, check_config, grid_columns, parse_attrs, sample_n, trajectory_strip
+from utills import (PRECISIONS, CheckpointError, CheckpointWarning, Loaded, WriteError, list_checkpoints, load_model,
+                    pick_device, read_metrics, resolve_checkpoint, run_paths, set_threads)
+
+console = Console(stderr=True)
+
+ATTR_STATES = ("free", "yes", "no")  # one control per attribute: yes -> NAME=1, no -> NAME=0, free -> not named
+KEEP_GENERATIONS = 8  # folders of generated PNGs kept on disk (the page only shows the last)
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
+                "sans-serif"]  # no Google fonts: the page must load offline
+MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
+
+
+@dataclass
+class AppConfig:
+    ckpt: str = ""  # run folder (its checkpoints in a dropdown, the newest valid one first), a .pt or .safetensors
+    host: str = "127.0.0.1"  # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
+    port: int = 7860  # port to listen on
+    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
+    batch_size: int = 256  # images per sampling batch, as sample.py --batch-size (DDPM pixels depend on it)
+    max_faces: int = 64  # the most faces one Generate may ask for
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("ckpt",)
+    BOUNDS: ClassVar[dict] = {"port": "1..65535", "threads": ">= 0", "batch_size": ">= 1", "max_faces": "1..1024"}
+
+
+class AppError(ValueError):
+    """Bad input for the app (no such run or file): a one-line message."""
+
+
+def check_app_config(cfg: AppConfig) -> None:
+    """Reject values that cannot work, with one line each."""
+    config.check(cfg)
+    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        raise AppError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
+    if not Path(cfg.ckpt).exists():
+        raise AppError(f"--ckpt {cfg.ckpt}: no such checkpoint file or run folder")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as the one line the page shows."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    plain = (ValueError, FileNotFoundError, CheckpointError, WriteError)  # ours say what and where; others: name them
+    return text if isinstance(e, plain) else f"{type(e).__name__}: {text}"
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e))
+
+
+def error_line(e: BaseException, device: torch.device, n: int, batch_size: int) -> str:
+    """What the page says when Generate fails: out of memory with what to change, else the error's one line."""
+    if is_oom(e):
+        return (f"out of memory on {device} making {n} faces in batches of {batch_size}: ask for fewer faces, "
+                f"or start app.py with a smaller --batch-size")
+    return one_line(e)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def run_folder(ckpt: Path) -> Path | None:
+    """The run a --ckpt belongs to: the folder itself, or RUN for RUN/checkpoints/FILE; None for a lone file."""
+    if ckpt.is_dir():
+        return ckpt.parent if ckpt == run_paths(ckpt.parent).checkpoints else ckpt
+    parent = ckpt.parent
+    return parent.parent if parent == run_paths(parent.parent).checkpoints else None
+
+
+def checkpoint_choices(ckpt: Path) -> list[tuple[str, str]]:
+    """The dropdown: (file name, path) for the run's step-*.pt (newest first) and best-fid.pt; a lone file alone."""
+    run = run_folder(ckpt)
+    files = list(reversed(list_checkpoints(run))) if run is not None else []
+    if run is not None and run_paths(run).best_fid.is_file():
+        files.append(run_paths(run).best_fid)
+    if ckpt.is_file() and ckpt.resolve() not in {f.resolve() for f in files}:
+        files.insert(0, ckpt)
+    return [(f.name, str(f)) for f in files]
+
+
+def first_choice(ckpt: Path) -> str:
+    """The checkpoint shown first: the file given, or the run's newest one that verifies (the one sample.py takes)."""
+    if ckpt.is_file():
+        return str(ckpt)
+    with warnings.catch_warnings(record=True) as skipped:  # newer files that do not load: one line each
+        warnings.simplefilter("always", CheckpointWarning)
+        try:
+            return str(resolve_checkpoint(ckpt))
+        except CheckpointError:  # nothing loads: show the newest, whose error the page then shows
+            choices = checkpoint_choices(ckpt)
+            return choices[0][1] if choices else ""
+        finally:
+            for w in skipped:
+                console.print(f"[yellow]warning:[/] {w.message}")
+
+
+def checkpoint_facts(path: Path) -> dict:
+    """The plain values of a checkpoint file that Loaded does not carry (images seen, epoch, the training config),
+    read without its weights (a memory map); {} for a safetensors export or a file that does not load."""
+    if path.suffix == ".safetensors":
+        return {}
+    for mmap in (True, False):  # mmap needs the zip format of torch.save; older files are read whole
+        with contextlib.suppress(Exception):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            if isinstance(ckpt, dict):
+                return {k: ckpt.get(k) for k in ("images_seen", "epoch", "config")}
+    return {}
+
+
+def describe(loaded: Loaded) -> str:
+    """Markdown: what the loaded checkpoint is."""
+    facts = checkpoint_facts(loaded.source)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    seen = facts.get("images_seen")
+    train_cfg = facts.get("config") or {}
+    dc = loaded.diffusion_config
+    lines = [
+        f"**{loaded.source.name}**",
+        f"- step **{loaded.step if loaded.step >= 0 else 'unknown'}**, "
+        + (f"**{seen:,}** images seen" if isinstance(seen, int) else "images seen: not recorded"),
+        f"- **{params:,}** parameters" + (f" (preset {train_cfg['preset']})" if train_cfg.get("preset") else ""),
+        f"- **{loaded.image_size}x{loaded.image_size}** px, {loaded.channels} channels",
+        f"- **{'EMA' if loaded.weights == 'ema' else 'raw (not EMA)'}** weights",
+        f"- **{'conditional' if loaded.conditional else 'unconditional'}**"
+        + (f" on {len(loaded.attributes)} attributes" if loaded.conditional else ""),
+        f"- diffusion: {dc.get('objective', 'eps')} objective, {dc.get('schedule', 'linear')} schedule, "
+        f"{dc.get('timesteps', '?')} timesteps",
+    ]
+    return "\n".join(lines)
+
+
+def attribute_note(loaded: Loaded | None) -> str:
+    """What "free" means for this checkpoint (issue 14: new models leave unnamed attributes to the model)."""
+    if loaded is None or not loaded.conditional:
+        return ""
+    if getattr(loaded, "free_attributes", False):
+        return "free: the model chooses (the attribute is left out of the request)."
+    return ("This checkpoint was trained with two states per attribute: **free means no (0)** as soon as any "
+            "attribute is set to yes or no; with every attribute free the faces are unconditional.")
+
+
+def fid_history(run: Path | None) -> str:
+    """Markdown table of the run's FIDs: training-time (metrics.jsonl) and evaluate.py's (eval.jsonl)."""
+    if run is None:
+        return "No run folder: no FID history."
+    rows = []
+    paths = run_paths(run)
+    for r in read_metrics(paths.metrics) if paths.metrics.is_file() else []:
+        if isinstance(r.get("fid"), (int, float)):
+            kid = f"{r['kid']:.4f}" if isinstance(r.get("kid"), (int, float)) else ""
+            rows.append((r["step"], f"{r['fid']:.2f}", kid, r.get("eval_n", ""), "training (EMA, DDIM)"))
+    evals = paths.eval_json.with_suffix(".jsonl")
+    if evals.is_file():
+        import json
+
+        for line in evals.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                r = json.loads(line)
+                s = r.get("sampler", {})
+                kid = f"{r['kid_mean']:.4f}" if isinstance(r.get("kid_mean"), (int, float)) else ""
+                rows.append((r["step"], f"{r['fid']:.2f}", kid, r.get("n", ""),
+                             f"evaluate.py ({r.get('weights', '')}, {s.get('sampler', '')}-{s.get('steps', '')})"))
+    if not rows:
+        return "No FID in this run yet (train.py --eval-every, or evaluate.py)."
+    table = ["| step | FID | KID | samples | from |", "| ---: | ---: | ---: | ---: | --- |"]
+    table += [f"| {step} | {fid} | {kid} | {n} | {source} |" for step, fid, kid, n, source in rows]
+    return "\n".join(table)
+
+
+def loss_picture(run: Path | None, workdir: Path) -> str | None:
+    """pictures.loss_plot of the run (loss, FID, lr), drawn from a copy of metrics.jsonl so that the run folder is
+    only read; None when the run has no metrics."""
+    if run is None or not run_paths(run).metrics.is_file():
+        return None
+    import pictures  # matplotlib: only when there is a curve to draw
+
+    copy = Path(tempfile.mkdtemp(dir=workdir, prefix="plot-")) / run.name
+    copy.mkdir()
+    shutil.copyfile(run_paths(run).metrics, run_paths(copy).metrics)
+    try:
+        return str(pictures.loss_plot(copy))
+    except (pictures.PicturesError, FileNotFoundError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+class Models:
+    """The one loaded model (the last checkpoint asked for), shared by every page; a lock keeps one user of it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.key: tuple | None = None
+        self.loaded: Loaded | None = None
+        self.lock = threading.Lock()
+
+    def get(self, path: str, ema: bool) -> Loaded:
+        """The model of checkpoint `path` (reloaded when the file changed); CheckpointError for a bad file."""
+        if not path:
+            raise AppError("no checkpoint chosen (the run has none yet)")
+        p = Path(path)
+        if not p.is_file():
+            raise CheckpointError(f"{p}: no such checkpoint file")
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size, bool(ema))
+        if key != self.key:
+            self.key, self.loaded = None, None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.loaded = load_model(p, use_ema=ema, device=self.device)
+            self.key = key
+            console.print(f"loaded {self.loaded.source} (step {self.loaded.step}, {self.loaded.weights} weights, "
+                          f"{self.loaded.image_size} px, "
+                          f"{'conditional' if self.loaded.conditional else 'unconditional'}) on {self.device}")
+        return self.loaded
+
+
+def attrs_spec(names: list[str], states: list[str]) -> str:
+    """The page's yes / no / free per attribute -> sample.py's --attrs ("Smiling=1,Eyeglasses=0"; free: left out)."""
+    return ",".join(f"{name}={1 if state == 'yes' else 0}" for name, state in zip(names, states)
+                    if state in ("yes", "no"))
+
+
+def sample_command(scfg: SampleConfig) -> str:
+    """The sample.py command line that makes the same grid (the fields that differ from its defaults)."""
+    default = SampleConfig()
+    parts = ["python", "sample.py"]
+    for f in dataclasses.fields(SampleConfig):
+        value = getattr(scfg, f.name)
+        if f.name in ("out", "trajectory") or (value == getattr(default, f.name) and f.name not in ("ckpt", "n")):
+            continue
+        if isinstance(value, bool):
+            parts.append(config.flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            parts += [config.flag(f.name), str(value)]
+    return shlex.join(parts + ["--out", "grid.png"])
+
+
+@contextlib.contextmanager
+def counting_steps(model: torch.nn.Module, total: int, report: Callable[[int, int], None]):
+    """Call report(done, total) at each forward of the model (one per sampling step and batch): the page's progress."""
+    done = 0
+
+    def hook(module, args):
+        nonlocal done
+        done += 1
+        report(min(done, total), total)
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def generate(models: Models, app_cfg: AppConfig, workdir: Path, values: dict,
+             report: Callable[[int, int], None] = lambda done, total: None) -> tuple[Path, list[Path], Path | None,
+                                                                                   str]:
+    """Make the faces the page asks for -> (grid PNG, one PNG per face, trajectory PNG or None, status line).
+
+    values: ckpt, ema, sampler, steps, eta, seed, n, precision, trajectory, guidance, attrs (the page's controls).
+    Raises SampleError, ConfigError, CheckpointError, ... with one-line messages.
+    """
+    n = int(values["n"])
+    if not 1 <= n <= app_cfg.max_faces:
+        raise AppError(f"faces: {n} is not in 1..{app_cfg.max_faces} (app.py --max-faces)")
+    scfg = SampleConfig(ckpt=values["ckpt"], n=n, batch_size=app_cfg.batch_size, sampler=values["sampler"],
+                        steps=int(values["steps"]), eta=float(values["eta"]), seed=int(values["seed"]),
+                        ema=bool(values["ema"]), device=app_cfg.device, threads=app_cfg.threads,
+                        precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]))
+    check_config(scfg)
+    with models.lock:
+        set_threads(app_cfg.threads)  # this runs on one of the server's threads, where --threads was not set
+        loaded = models.get(scfg.ckpt, scfg.ema)
+        parse_attrs(scfg.attrs, loaded)  # an attribute the model cannot take fails before any sampling
+        console.print(f"[bold]generate[/] {dataclasses.asdict(scfg)}")
+        out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{time.strftime('%H%M%S')}-seed{scfg.seed}-"))
+        steps = min(scfg.steps, loaded.diffusion.num_timesteps)
+        total = steps * (len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
+        started = time.perf_counter()
+        with counting_steps(loaded.model, total, report):
+            # The code path of `sample.py --out`: sample_n, then save_grid with grid_columns(n) columns.
+            images = sample_n(loaded, scfg)
+            grid = save_grid(images, out / "grid.png", nrow=grid_columns(n), padding=2)
+            faces = [atomic_write(out / f"face-{i:03d}.png", png_bytes(picture))  # as sample.py --outdir writes them
+                     for i, picture in enumerate(to_uint8(images))]
+            traj = trajectory_strip(loaded, scfg, out / "trajectory.png") if values["trajectory"] else None
+        seconds = time.perf_counter() - started
+    prune(workdir)
+    status = (f"{n} faces, {scfg.sampler}-{steps}, seed {scfg.seed}, in {seconds:.1f} s on {models.device}. "
+              f"The same grid: {sample_command(scfg)}")
+    return grid, faces, traj, status
+
+
+def prune(workdir: Path) -> None:
+    """Keep the newest KEEP_GENERATIONS folders of generated pictures (the page has copies of what it shows)."""
+    folders = sorted((p for p in workdir.iterdir() if p.is_dir() and not p.name.startswith("plot-")),
+                     key=lambda p: p.stat().st_mtime)
+    for old in folders[:-KEEP_GENERATIONS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+STATUS_SERIAL = itertools.count(1)
+
+
+def status_html(text: str, error: bool = False) -> str:
+    """The page's one status line (escaped: attribute names and paths hold characters Markdown would eat). Each line
+    carries a new data-serial, so that a script can tell a repeated message from the old one."""
+    text = " ".join(text.split())
+    kind, prefix = ("status-line error", "error: ") if error else ("status-line", "")
+    return f'<div class="{kind}" data-serial="{next(STATUS_SERIAL)}">{prefix}{html.escape(text)}</div>'
+
+
+CSS = """
+.status-line { font-family: var(--font-mono); font-size: 0.9em; overflow-wrap: anywhere; }
+.status-line.error { color: #c62828; font-weight: 600; white-space: nowrap; overflow-x: auto; }
+#grid .image-frame, #traj .image-frame { width: 100%; height: 100%; }
+#grid img, #traj img { width: 100% !important; height: 100% !important; object-fit: contain;
+                       image-rendering: pixelated; }
+#faces img { image-rendering: pixelated; }
+#faces .grid-container { grid-template-columns: repeat(auto-fill, minmax(72px, 1fr)) !important; }
+#faces .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 640px; }
+#fid table { font-size: 0.85em; width: auto; }
+#fid th, #fid td { padding: 2px 8px; }
+"""
+
+
+def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any, Any]:
+    """The Gradio Blocks of the app and its theme (gradio is imported here, and only here)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before the import: no telemetry, no version check
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import gradio as gr
+
+    ckpt = Path(cfg.ckpt)
+    run = run_folder(ckpt)
+    models = Models(device)
+    first = first_choice(ckpt)
+    # The attribute controls are built once, from the checkpoint first shown (every checkpoint of a run has the same).
+    names: list[str] = []
+    startup_error = ""
+    for path in [first] + [p for _, p in checkpoint_choices(ckpt) if p != first]:
+        try:
+            names = list(models.get(path, True).attributes) if path else []
+            break
+        except Exception as e:  # the page still comes up, with this line on it
+            startup_error = startup_error or one_line(e)
+            console.print(f"[yellow]warning:[/] {one_line(e)}")
+
+    def on_select(path: str, ema: bool):
+        """The checkpoint dropdown or the EMA box changed: load it and describe it, or show why it cannot load."""
+        try:
+            with models.lock:
+                loaded = models.get(path, ema)
+            return describe(loaded), attribute_note(loaded), status_html(f"{Path(path).name} loaded on {device}")
+        except Exception as e:  # any failure is a line on the page; the server goes on
+            return f"**{Path(path).name if path else 'no checkpoint'}**: not loaded", "", status_html(one_line(e), True)
+
+    def on_refresh(path: str):
+        """Re-read the run folder: new checkpoints (training may be running), the loss curve, the FID history."""
+        choices = checkpoint_choices(ckpt)
+        value = path if path in [p for _, p in choices] else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=value), loss_picture(run, workdir), fid_history(run)
+
+    def on_generate(values: dict, progress=gr.Progress()):
+        v = {key: values[component] for key, component in controls.items()}
+        v["attrs"] = attrs_spec(names, [values[r] for r in radios])
+        progress(0, desc="loading")
+        try:
+            grid, faces, traj, status = generate(models, cfg, workdir, v,
+                                                 lambda done, total: progress((done, total), desc="sampling",
+                                                                              unit="steps"))
+            return str(grid), [str(f) for f in faces], gr.update(value=str(traj) if traj else None,
+                                                                 visible=traj is not None), status_html(status)
+        except Exception as e:  # a bad file, a setting the model cannot take, out of memory: one line, server up
+            if is_oom(e) and device.type == "cuda":
+                torch.cuda.empty_cache()
+            message = error_line(e, device, v["n"], cfg.batch_size)
+            console.print(f"[red]error:[/] {message}")
+            return None, [], gr.update(value=None, visible=False), status_html(message, True)
+
+    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+    title = f"celeba-ddpm: {run.name if run is not None else ckpt.name}"
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(f"## {html.escape(title)}")
+        with gr.Row():
+            with gr.Column(scale=2):
+                with gr.Row():
+                    dropdown = gr.Dropdown(checkpoint_choices(ckpt), value=first or None, label="checkpoint",
+                                           elem_id="ckpt", scale=4)
+                    refresh = gr.Button("refresh", elem_id="refresh", scale=0, min_width=90, size="sm")
+                ema = gr.Checkbox(True, label="EMA weights", elem_id="ema")
+                info = gr.Markdown(elem_id="info")
+                with gr.Accordion("training", open=True):
+                    loss = gr.Image(label="loss (and FID)", type="filepath", format="png", interactive=False,
+                                    elem_id="loss", buttons=["download", "fullscreen"])
+                    fids = gr.Markdown(elem_id="fid")
+            with gr.Column(scale=3):
+                with gr.Row():
+                    sampler = gr.Radio(["ddim", "ddpm"], value="ddim", label="sampler", elem_id="sampler")
+                    precision = gr.Radio(list(PRECISIONS), value="fp32", label="precision", elem_id="precision")
+                with gr.Row():
+                    steps = gr.Slider(1, 1000, value=50, step=1, label="steps", elem_id="steps")
+                    eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise: 0 deterministic)",
+                                    elem_id="eta")
+                with gr.Row():
+                    seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
+                    n = gr.Slider(1, cfg.max_faces, value=min(16, cfg.max_faces), step=1, label="faces",
+                                  elem_id="n")
+                    trajectory = gr.Checkbox(False, label="noise-to-face trajectory", elem_id="trajectory")
+                radios: list[Any] = []
+                with gr.Accordion("attributes", open=True, visible=bool(names)):
+                    note = gr.Markdown(elem_id="attr-note")
+                    guidance = gr.Slider(0.0, 10.0, value=1.0, step=0.1, label="guidance scale (1: plain conditional)",
+                                         elem_id="guidance")
+                    for row in range(math.ceil(len(names) / 4)):
+                        with gr.Row():
+                            for name in names[row * 4:row * 4 + 4]:
+                                radios.append(gr.Radio(list(ATTR_STATES), value="free", label=name,
+                                                       elem_id=f"attr-{name}", min_width=120))
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+                status = gr.HTML(status_html(startup_error, True) if startup_error else status_html("ready"),
+                                 elem_id="status")
+                grid = gr.Image(label="grid (the PNG sample.py --out writes)", type="filepath", format="png",
+                                interactive=False, elem_id="grid", height=480, buttons=["download", "fullscreen"])
+                faces = gr.Gallery(label="faces (each a PNG to download)", columns=8, height="auto", elem_id="faces",
+                                   format="png", buttons=["download", "download_all", "fullscreen"])
+                traj = gr.Image(label="noise to face", type="filepath", format="png", interactive=False, height=360,
+                                visible=False, elem_id="traj", buttons=["download", "fullscreen"])
+
+        controls = {"ckpt": dropdown, "ema": ema, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
+                    "n": n, "precision": precision, "trajectory": trajectory, "guidance": guidance}
+        for trigger in (dropdown.change, ema.change):
+            trigger(on_select, [dropdown, ema], [info, note, status])
+        refresh.click(on_refresh, [dropdown], [dropdown, loss, fids])
+        generate_button.click(on_generate, set(controls.values()) | set(radios), [grid, faces, traj, status])
+        page.load(on_refresh, [dropdown], [dropdown, loss, fids]).then(on_select, [dropdown, ema],
+                                                                       [info, note, status])
+    return page, theme
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(cfg: AppConfig) -> None:
+    """Serve the page until interrupted."""
+    check_app_config(cfg)
+    set_threads(cfg.threads)
+    console.print(f"[bold]app[/] {dataclasses.asdict(cfg)}")
+    device = pick_device(cfg.device)
+    workdir = Path(tempfile.mkdtemp(prefix="ddpm-app-"))  # the generated PNGs; removed at exit
+    atexit.register(shutil.rmtree, workdir, True)
+    page, theme = build_page(cfg, device, workdir)
+    console.print(f"[bold green]serving[/] http://{cfg.host}:{cfg.port} (Ctrl-C stops)")
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
+        show_error=False, footer_links=["settings"], allowed_paths=[str(workdir)], mcp_server=False, pwa=False,
+        theme=theme, css=CSS)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    try:
+        main(config.parse(AppConfig, sys.argv[1:] if argv is None else argv)[0])
+    except (AppError, ConfigError, CheckpointError, WriteError, FileNotFoundError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    except ImportError as e:
+        raise SystemExit(f"error: {e.name or e}: not installed; app.py needs `pip install -e .[app]` "
+                         f"(the versions of requirements.lock)") from None
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,305 @@
+"""app.py in a real headless browser: the page loads offline, Generate shows sample.py's bytes, errors are one line.
+
+The app runs as `python app.py --ckpt RUN --port FREE --device cpu` in a subprocess; Playwright drives Debian's
+Chromium (`apt-get install -y chromium`; Playwright's own browser download is not used). Without Chromium, Playwright
+or Gradio the browser tests are skipped with the reason. DDPM_CHROMIUM=PATH picks another Chromium.
+
+README screenshot: `DDPM_APP_SCREENSHOT=docs/app.png [DDPM_APP_RUN=demo/run] pytest tests/test_app.py -k generate`
+saves the page after Generate (16 faces, DDIM-25 when DDPM_APP_RUN is given), by the code path of the test itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import app
+from tiny_run import REPO, conditional_run, one_thread_env, tiny_run
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+START_TIMEOUT_S = 120  # app.py's start: torch, gradio, the model (~7 s here)
+GENERATE_TIMEOUT_MS = 120_000
+
+
+def chromium() -> str | None:
+    return os.environ.get("DDPM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if importlib.util.find_spec("gradio") is None:
+        pytest.skip("gradio is not installed (pip install -r requirements.lock, or pip install -e .[app])")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("playwright is not installed (pip install -r requirements.lock)")
+    path = chromium()
+    if path is None:
+        pytest.skip("no Chromium found (apt-get install -y chromium, or DDPM_CHROMIUM=PATH); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(ckpt: Path, workdir: Path, *extra: str) -> Iterator[str]:
+    """`python app.py --ckpt CKPT` on a free port until the block ends; yields its URL once it answers."""
+    port = free_port()
+    log = workdir / f"app-{port}.log"
+    env = {**one_thread_env(), "GRADIO_TEMP_DIR": str(workdir / "gradio")}
+    cmd = [sys.executable, str(REPO / "app.py"), "--ckpt", str(ckpt), "--port", str(port), "--device", "cpu", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            assert time.monotonic() < deadline, f"app.py did not answer in {START_TIMEOUT_S} s:\n{log.read_text()}"
+            time.sleep(0.3)
+        yield url
+        assert proc.poll() is None, f"app.py died:\n{log.read_text()[-3000:]}"  # the server stays up through errors
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
+    """The tests' short real training run (checkpoints at steps 2 and 4), copied, with a corrupt step 6 added: the
+    newest file does not load, so the app (as sample.py) starts on step 4 and lists step 6 in its dropdown."""
+    source = Path(os.environ["DDPM_APP_RUN"]) if os.environ.get("DDPM_APP_RUN") else tiny_run(tmp_path_factory, shards)
+    run = tmp_path_factory.mktemp("app") / "run"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns(".lock", "samples", "tensorboard", "eval"))
+    newest = max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
+    (run / "checkpoints" / f"step-{newest + 2:08d}.pt").write_bytes(b"not a checkpoint\n" * 100)
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(run: Path, tmp_path_factory: pytest.TempPathFactory, browser) -> Iterator[str]:
+    with serving(run, tmp_path_factory.mktemp("app-server")) as url:
+        yield url
+
+
+# ------------------------------------------------------------------------------------------------ the page
+
+def open_page(browser, url: str):
+    """A new page on the app, loaded (the checkpoint described); page.requests collects every URL it asked for."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(url)
+    page.wait_for_selector("#info strong")  # the checkpoint's name, in bold, once described (or refused)
+    return page
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def status(page) -> str:
+    return page.inner_text("#status").strip()
+
+
+def serial(page) -> str:
+    """The status line's data-serial: new for every line the server sends, even one with the same words."""
+    return page.get_attribute("#status .status-line", "data-serial")
+
+
+def generate(page, **numbers) -> str:
+    """Set the numbers, press Generate, wait for the grid (or an error line); returns the status line."""
+    for elem_id, value in numbers.items():
+        set_number(page, elem_id, value)
+    before = serial(page)
+    page.click("#generate")
+    page.wait_for_function("before => document.querySelector('#status .status-line').dataset.serial !== before",
+                           arg=before, timeout=GENERATE_TIMEOUT_MS)
+    return status(page)
+
+
+def shown_bytes(page, selector: str) -> bytes:
+    """The bytes the browser gets for an <img> of the page (its src fetched through the page's own context)."""
+    src = page.get_attribute(selector, "src")
+    assert src and src.startswith("http://127.0.0.1:"), src
+    response = page.request.get(src)
+    assert response.ok, (src, response.status)
+    return response.body()
+
+
+def run_sample_py(tmp_path: Path, *args: str) -> Path:
+    """`python sample.py ... --out grid.png --outdir faces` in a subprocess with the app's thread count."""
+    cmd = [sys.executable, str(REPO / "sample.py"), *args, "--device", "cpu", "--out", str(tmp_path / "grid.png"),
+           "--outdir", str(tmp_path / "faces")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=one_thread_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path
+
+
+def assert_offline(page, url: str) -> None:
+    """Every request the page made went to the app itself (no fonts, CDN or analytics from outside)."""
+    outside = [u for u in page.requests if not (u.startswith(url) or u.startswith(("data:", "blob:")))]
+    assert not outside, f"the page fetched from outside the app: {outside[:5]}"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+def test_generate_gives_sample_py_bytes_offline(browser, server: str, run: Path, tmp_path: Path):
+    shot = os.environ.get("DDPM_APP_SCREENSHOT")
+    n, steps = (16, 25) if shot and os.environ.get("DDPM_APP_RUN") else (4, 5)
+    page = open_page(browser, server)
+    info = page.inner_text("#info")
+    newest = sorted((run / "checkpoints").glob("step-*.pt"))[-2]  # the newest that loads
+    assert newest.name in info and "images seen" in info and "parameters" in info and "EMA" in info, info
+    assert "unconditional" in info and not page.locator("#attr-Smiling").count()
+    assert page.locator("#loss img").count() == 1  # the run's loss curve (pictures.loss_plot)
+
+    line = generate(page, seed=3, n=n, steps=steps)
+    assert line.startswith(f"{n} faces") and "error" not in line, line
+    assert f"--ckpt {newest}" in line and "--seed 3" in line, line  # the equivalent sample.py command
+    ref = run_sample_py(tmp_path, "--ckpt", str(newest), "--n", str(n), "--steps", str(steps), "--seed", "3")
+    assert shown_bytes(page, "#grid img") == (ref / "grid.png").read_bytes()
+    faces = page.locator("#faces img")
+    assert faces.count() == n
+    assert shown_bytes(page, "#faces img >> nth=0") == (ref / "faces" / "000000.png").read_bytes()
+    assert shown_bytes(page, f"#faces img >> nth={n - 1}") == (ref / "faces" / f"{n - 1:06d}.png").read_bytes()
+    assert_offline(page, server)
+    if shot:
+        page.locator("#faces").scroll_into_view_if_needed()
+        page.screenshot(path=shot, full_page=True)
+    page.close()
+
+
+def test_corrupt_checkpoint_is_one_line_and_the_server_stays_up(browser, server: str, run: Path):
+    corrupt = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
+    page = open_page(browser, server)
+    before = serial(page)
+    choose(page, "ckpt", corrupt.name)
+    page.wait_for_function("before => document.querySelector('#status .status-line').dataset.serial !== before",
+                           arg=before)
+    line = status(page)
+    assert line.startswith(f"error: {corrupt}: ") and "\n" not in line, line
+    line = generate(page, n=2, steps=2)  # Generate on it: the same one line, no grid
+    assert line.startswith(f"error: {corrupt}") and "\n" not in line and not page.locator("#grid img").count(), line
+    before = serial(page)
+    choose(page, "ckpt", sorted((run / "checkpoints").glob("step-*.pt"))[-2].name)  # back to a good one: it works
+    page.wait_for_function("before => document.querySelector('#status .status-line').dataset.serial !== before",
+                           arg=before)
+    assert "loaded" in status(page), status(page)
+    line = generate(page, n=2, steps=2)
+    assert line.startswith("2 faces") and page.locator("#grid img").count() == 1, line
+    assert_offline(page, server)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def cond_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
+    """One run folder with an untrained conditional `tiny` UNet (16 px, 40 attributes, T = 100) as a two-state
+    checkpoint (step 1, attributes 0/1 as before issue 14) and, where tests/tiny_run.py can make one, a three-state
+    checkpoint (step 2, cond_free: attributes left out are free). Returns the run and whether step 2 exists."""
+    run = tmp_path_factory.mktemp("app-cond") / "cond"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(next((conditional_run(tmp_path_factory) / "checkpoints").glob("step-*.pt")),
+                run / "checkpoints" / "step-00000001.pt")
+    try:
+        free = conditional_run(tmp_path_factory, free=True)
+    except TypeError:  # a tree from before three-state attributes
+        return run, False
+    shutil.copy(next((free / "checkpoints").glob("step-*.pt")), run / "checkpoints" / "step-00000002.pt")
+    return run, True
+
+
+def test_conditional_model_attribute_controls(browser, cond_runs: tuple[Path, bool],
+                                              tmp_path_factory: pytest.TempPathFactory, tmp_path: Path):
+    from fake_celeba import ATTRIBUTES
+
+    run, has_free = cond_runs
+    two_state = run / "checkpoints" / "step-00000001.pt"
+    first = run / "checkpoints" / ("step-00000002.pt" if has_free else "step-00000001.pt")  # the newest
+    with serving(run, tmp_path_factory.mktemp("app-cond-server")) as url:
+        page = open_page(browser, url)
+        assert first.name in page.inner_text("#info") and "conditional on 40 attributes" in page.inner_text("#info")
+        for name in ATTRIBUTES:
+            assert page.locator(f"#attr-{name}").count() == 1, name
+        note = "the model chooses" if has_free else "free means no"
+        assert note in page.inner_text("#attr-note"), page.inner_text("#attr-note")
+        page.locator("#attr-Smiling label", has_text="yes").click()
+        page.locator("#attr-Male label", has_text="no").click()
+        line = generate(page, seed=5, n=2, steps=3, guidance=3)
+        assert "--attrs Male=0,Smiling=1" in line and "--guidance 3.0" in line, line
+        ref = run_sample_py(tmp_path, "--ckpt", str(first), "--n", "2", "--steps", "3", "--seed", "5",
+                            "--attrs", "Smiling=1,Male=0", "--guidance", "3")
+        assert shown_bytes(page, "#grid img") == (ref / "grid.png").read_bytes()
+        if has_free:  # the two-state checkpoint of the same run: the page says what free means there
+            before = serial(page)
+            choose(page, "ckpt", two_state.name)
+            page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b",
+                                   arg=before)
+            assert "free means no" in page.inner_text("#attr-note"), page.inner_text("#attr-note")
+            assert "step-00000001.pt" in page.inner_text("#info")
+        assert_offline(page, url)
+        page.close()
+
+
+# ------------------------------------------------------------------------------------------------ without a browser
+
+def test_attrs_spec_and_sample_command():
+    assert app.attrs_spec(["A", "B", "C"], ["yes", "free", "no"]) == "A=1,C=0"
+    assert app.attrs_spec(["A", "B"], ["free", "free"]) == ""
+    cmd = app.sample_command(app.SampleConfig(ckpt="r/checkpoints/step-00000004.pt", n=4, steps=5, seed=3,
+                                              attrs="A=1,C=0", ema=False))
+    assert cmd == ("python sample.py --ckpt r/checkpoints/step-00000004.pt --n 4 --steps 5 --seed 3 --no-ema "
+                   "--attrs A=1,C=0 --out grid.png")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path):
+    cases = [(["--ckpt", str(tmp_path / "nope")], "no such checkpoint file or run folder"),
+             (["--ckpt", str(tmp_path), "--port", "0"], "--port 0: must be in 1..65535"),
+             (["--ckpt", str(tmp_path), "--device", "tpu"], "--device must be auto, cuda, cuda:N or cpu")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            app.cli(argv)
+        assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gradio_is_imported_by_app_only():
+    code = "import sys, sample, train, evaluate, app; assert 'gradio' not in sys.modules, 'gradio imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=one_thread_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
