@@ -8,6 +8,8 @@ the README. On a machine with CUDA the training run is longer and larger; on a C
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -107,6 +109,10 @@ def main(cfg: DemoConfig) -> None:
     for p in [noising, grid, traj, paths.progress_gif, paths.loss_plot, paths.samples]:
         console.print(f"  {p}")
     console.print(f"  checkpoints: {paths.checkpoints}   metrics: {paths.metrics}")
+    # Last: the web page over this run (app.py; gradio comes with requirements.lock).
+    python = os.path.relpath(py) if Path(py).is_relative_to(Path.cwd()) else py
+    console.print("\n[bold]Faces in a web page[/] (open http://127.0.0.1:7860 once it serves):")
+    console.print(f"  {shlex.join([python, 'app.py', '--ckpt', str(run_dir)])}", markup=False, highlight=False)
 
 
 if __name__ == "__main__":
