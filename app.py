@@ -175,10 +175,10 @@ def describe(loaded: Loaded) -> str:
 
 
 def attribute_note(loaded: Loaded | None) -> str:
-    """What "free" means for this checkpoint (issue 14: new models leave unnamed attributes to the model)."""
+    """What "free" means for this checkpoint: three-state models leave an unnamed attribute to the model."""
     if loaded is None or not loaded.conditional:
         return ""
-    if getattr(loaded, "free_attributes", False):
+    if loaded.free_attributes:
         return "free: the model chooses (the attribute is left out of the request)."
     return ("This checkpoint was trained with two states per attribute: **free means no (0)** as soon as any "
             "attribute is set to yes or no; with every attribute free the faces are unconditional.")

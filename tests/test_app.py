@@ -229,36 +229,28 @@ def test_corrupt_checkpoint_is_one_line_and_the_server_stays_up(browser, server:
 
 
 @pytest.fixture(scope="module")
-def cond_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bool]:
+def cond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One run folder with an untrained conditional `tiny` UNet (16 px, 40 attributes, T = 100) as a two-state
-    checkpoint (step 1, attributes 0/1 as before issue 14) and, where tests/tiny_run.py can make one, a three-state
-    checkpoint (step 2, cond_free: attributes left out are free). Returns the run and whether step 2 exists."""
+    checkpoint (step 1: an unnamed attribute is 0) and a three-state one (step 2, cond_free: it is free)."""
     run = tmp_path_factory.mktemp("app-cond") / "cond"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(next((conditional_run(tmp_path_factory) / "checkpoints").glob("step-*.pt")),
-                run / "checkpoints" / "step-00000001.pt")
-    try:
-        free = conditional_run(tmp_path_factory, free=True)
-    except TypeError:  # a tree from before three-state attributes
-        return run, False
-    shutil.copy(next((free / "checkpoints").glob("step-*.pt")), run / "checkpoints" / "step-00000002.pt")
-    return run, True
+    for step, free in ((1, False), (2, True)):
+        source = next((conditional_run(tmp_path_factory, free=free) / "checkpoints").glob("step-*.pt"))
+        shutil.copy(source, run / "checkpoints" / f"step-{step:08d}.pt")
+    return run
 
 
-def test_conditional_model_attribute_controls(browser, cond_runs: tuple[Path, bool],
-                                              tmp_path_factory: pytest.TempPathFactory, tmp_path: Path):
+def test_conditional_model_attribute_controls(browser, cond_run: Path, tmp_path_factory: pytest.TempPathFactory,
+                                              tmp_path: Path):
     from fake_celeba import ATTRIBUTES
 
-    run, has_free = cond_runs
-    two_state = run / "checkpoints" / "step-00000001.pt"
-    first = run / "checkpoints" / ("step-00000002.pt" if has_free else "step-00000001.pt")  # the newest
-    with serving(run, tmp_path_factory.mktemp("app-cond-server")) as url:
+    two_state, first = cond_run / "checkpoints" / "step-00000001.pt", cond_run / "checkpoints" / "step-00000002.pt"
+    with serving(cond_run, tmp_path_factory.mktemp("app-cond-server")) as url:
         page = open_page(browser, url)
         assert first.name in page.inner_text("#info") and "conditional on 40 attributes" in page.inner_text("#info")
         for name in ATTRIBUTES:
             assert page.locator(f"#attr-{name}").count() == 1, name
-        note = "the model chooses" if has_free else "free means no"
-        assert note in page.inner_text("#attr-note"), page.inner_text("#attr-note")
+        assert "the model chooses" in page.inner_text("#attr-note"), page.inner_text("#attr-note")
         page.locator("#attr-Smiling label", has_text="yes").click()
         page.locator("#attr-Male label", has_text="no").click()
         line = generate(page, seed=5, n=2, steps=3, guidance=3)
@@ -266,13 +258,11 @@ def test_conditional_model_attribute_controls(browser, cond_runs: tuple[Path, bo
         ref = run_sample_py(tmp_path, "--ckpt", str(first), "--n", "2", "--steps", "3", "--seed", "5",
                             "--attrs", "Smiling=1,Male=0", "--guidance", "3")
         assert shown_bytes(page, "#grid img") == (ref / "grid.png").read_bytes()
-        if has_free:  # the two-state checkpoint of the same run: the page says what free means there
-            before = serial(page)
-            choose(page, "ckpt", two_state.name)
-            page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b",
-                                   arg=before)
-            assert "free means no" in page.inner_text("#attr-note"), page.inner_text("#attr-note")
-            assert "step-00000001.pt" in page.inner_text("#info")
+        before = serial(page)  # the two-state checkpoint of the same run: the page says what free means there
+        choose(page, "ckpt", two_state.name)
+        page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b", arg=before)
+        assert "free means no" in page.inner_text("#attr-note"), page.inner_text("#attr-note")
+        assert two_state.name in page.inner_text("#info")
         assert_offline(page, url)
         page.close()
 
