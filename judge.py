@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -241,7 +240,7 @@ def train(cfg: JudgeConfig) -> Judge:
 
 
 def show(judge: Judge, held_out_rate: dict[str, float]) -> None:
-    table = Table(title=f"attribute judge: balanced accuracy on the held-out faces")
+    table = Table(title="attribute judge: balanced accuracy on the held-out faces")
     for col in ("attribute", "balanced acc.", "data rate", "held-out rate", "judged on held-out"):
         table.add_column(col, justify="left" if col == "attribute" else "right")
     for n in judge.attributes:
