@@ -64,6 +64,7 @@ class TrainConfig:
     base_channels: int = 0  # override the preset's base width (0 = the preset's)
     dropout: float = -1.0  # override the preset's dropout (negative = the preset's)
     cond: bool = False  # condition on the manifest's attributes (classifier-free guidance)
+    scale_shift_norm: bool = False  # the embedding scales and shifts each block's second norm (AdaGN) instead of adding
     timesteps: int = 1000  # diffusion steps T
     schedule: str = "linear"  # noise schedule: linear | cosine
     objective: str = "eps"  # what the UNet predicts: eps | v | x0
@@ -117,7 +118,7 @@ class TrainConfig:
 
 
 # Fields that define the model and the diffusion: taken from the checkpoint on resume, and a clash is an error.
-ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "timesteps", "schedule", "objective")
+ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "scale_shift_norm", "timesteps", "schedule", "objective")
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -249,6 +250,8 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes
             overrides["base_channels"] = cfg.base_channels
         if cfg.dropout >= 0:
             overrides["dropout"] = cfg.dropout
+        if cfg.scale_shift_norm:
+            overrides["use_scale_shift_norm"] = True
         return build_unet(cfg.preset, **overrides)
     if ckpt["image_size"] != image_size:
         raise ConfigError(f"{cfg.data}: images are {image_size} px, the checkpoint's model {ckpt['image_size']} px")

@@ -4,6 +4,8 @@ the models are trained for a few steps only; what is checked is the plumbing and
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import sample
 from diffusion import GaussianDiffusion
 from fake_celeba import ATTRIBUTES
 from sample import SampleConfig, SampleError
-from tiny_run import conditional_run, tiny_run
+from tiny_run import REPO, conditional_run, one_thread_env, tiny_run
 from unet import UNet, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +34,21 @@ def free_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def two_state_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return conditional_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def trained_cond_run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
+    """A real `train.py --cond` run of 2 steps (the README's flags for conditional models), resumed to step 3."""
+    run = tmp_path_factory.mktemp("cond-train") / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), "--data", str(shards), "--out", str(run), "--preset", "tiny",
+           "--cond", "--objective", "v", "--scale-shift-norm", "--min-snr-gamma", "5", "--batch-size", "4",
+           "--device", "cpu", "--loader", "torch", "--warmup", "1", "--ckpt-every", "1", "--sample-every", "0",
+           "--log-every", "1", "--steps"]
+    for steps in ("2", "3"):
+        proc = subprocess.run(cmd + [steps], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env=one_thread_env())
+        assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +146,15 @@ def test_whole_row_dropout_still_frees_every_attribute():
            generator=torch.Generator().manual_seed(1))
     rows_free = (model.cond < 0).all(1).float().mean()
     assert abs(float(rows_free) - 0.3) < 0.04 and ((model.cond < 0).any(1) == (model.cond < 0).all(1)).all()
+
+
+def test_train_cond_builds_a_three_state_model(trained_cond_run: Path):
+    ckpt = torch.load(trained_cond_run / "checkpoints" / "step-00000003.pt", weights_only=True)
+    mc = ckpt["model_config"]
+    assert mc["cond_free"] is True and mc["use_scale_shift_norm"] is True and mc["cond_dim"] == 40
+    saved = json.loads((trained_cond_run / "config.json").read_text())
+    assert saved["p_free"] == 0.8 and saved["scale_shift_norm"] is True and saved["min_snr_gamma"] == 5
+    assert sample.load_model(trained_cond_run).free_attributes
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -241,10 +267,10 @@ def test_judge_errors(tmp_path: Path, judge_file: Path):
 
 # ------------------------------------------------------------------------------------------------ evaluate
 
-def test_attribute_report_of_a_conditional_model(free_run: Path, judge_file: Path, tmp_path: Path):
+def test_attribute_report_of_a_conditional_model(trained_cond_run: Path, judge_file: Path, tmp_path: Path):
     out = tmp_path / "eval.json"
     result = evaluate.main(evaluate.EvalConfig(
-        ckpt=str(free_run), judge=str(judge_file), metrics="attrs", judge_attrs="Eyeglasses,Smiling",
+        ckpt=str(trained_cond_run), judge=str(judge_file), metrics="attrs", judge_attrs="Eyeglasses,Smiling",
         judge_guidance="1,3", judge_n=3, steps=3, device="cpu", out=str(out)))
     rep = json.loads(out.read_text())["attributes"]
     assert rep == result["attributes"] and "fid" not in result
