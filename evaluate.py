@@ -191,9 +191,8 @@ def judged_rates(loaded: Loaded, scfg: SampleConfig, judge: Judge, n: int, bar: 
     return torch.cat(seen).float().mean(0)
 
 
-def report_attributes(cfg: EvalConfig, loaded: Loaded, device: torch.device) -> dict:
+def report_attributes(cfg: EvalConfig, loaded: Loaded, judge: Judge) -> dict:
     """The attribute report (see the module's text) -> the "attributes" part of eval.json."""
-    judge = load_judge(cfg.judge, device)
     scales = [float(w) for w in cfg.judge_guidance.split(",") if w.strip()]
     if loaded.conditional and loaded.attributes != judge.attributes:
         raise EvalError(f"{judge.source}: the judge reads other attributes than {loaded.source} is conditioned on")
@@ -288,7 +287,7 @@ def main(cfg: EvalConfig) -> dict:
     net = metrics.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
         if fid_wanted else None
     if "attrs" in wanted:
-        load_judge(cfg.judge)
+        judge = load_judge(cfg.judge, device)
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     run = run_folder(loaded, cfg.ckpt)
     result: dict = {}
@@ -305,7 +304,7 @@ def main(cfg: EvalConfig) -> dict:
         result = fid.scores(gen, ref, fid_wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
         result.update({"n": cfg.n, "feature_network": net.name, "reference": ref_info, "samples": str(outdir)})
     if "attrs" in wanted:
-        result["attributes"] = report_attributes(cfg, loaded, device)
+        result["attributes"] = report_attributes(cfg, loaded, judge)
 
     result.update({
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
