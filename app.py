@@ -41,8 +41,8 @@ from rich.console import Console
 
 import config
 from atomic import atomic_write
-from config import ConfigError
-from images import png_bytes, save_grid, to_uint8
+from config import ConfigError, UserError
+from grids import png_bytes, save_grid, to_uint8
 from sample import SampleConfig, batches, check_config, grid_columns, parse_attrs, sample_n, trajectory_strip
 from utills import (PRECISIONS, CheckpointError, CheckpointWarning, Loaded, WriteError, list_checkpoints, load_model,
                     pick_device, read_metrics, resolve_checkpoint, run_paths, set_threads)
@@ -70,7 +70,7 @@ class AppConfig:
     BOUNDS: ClassVar[dict] = {"port": "1..65535", "threads": ">= 0", "batch_size": ">= 1", "max_faces": "1..1024"}
 
 
-class AppError(ValueError):
+class AppError(UserError, ValueError):
     """Bad input for the app (no such run or file): a one-line message."""
 
 
@@ -190,7 +190,7 @@ def fid_history(run: Path | None) -> str:
         return "No run folder: no FID history."
     rows = []
     paths = run_paths(run)
-    for r in read_metrics(paths.metrics) if paths.metrics.is_file() else []:
+    for r in read_metrics(paths.metrics) if paths.inception.is_file() else []:
         if isinstance(r.get("fid"), (int, float)):
             kid = f"{r['kid']:.4f}" if isinstance(r.get("kid"), (int, float)) else ""
             rows.append((r["step"], f"{r['fid']:.2f}", kid, r.get("eval_n", ""), "training (EMA, DDIM)"))
@@ -215,7 +215,7 @@ def fid_history(run: Path | None) -> str:
 def loss_picture(run: Path | None, workdir: Path) -> str | None:
     """pictures.loss_plot of the run (loss, FID, lr), drawn from a copy of metrics.jsonl so that the run folder is
     only read; None when the run has no metrics."""
-    if run is None or not run_paths(run).metrics.is_file():
+    if run is None or not run_paths(run).inception.is_file():
         return None
     import pictures  # matplotlib: only when there is a curve to draw
 

@@ -12,11 +12,21 @@ values are validated (every script gets it through `parse`; a `main(cfg)` called
     REQUIRED: ClassVar[tuple[str, ...]] = ("data",)                           # non-empty strings
     RETIRED: ClassVar[tuple[str, ...]] = ("old_field",)                       # keys a config file may still carry
 
+It also holds the project's one error type for users: every error a user can cause (a flag, a config file, a missing
+or damaged input, the data) derives from `UserError`, and each script's entry point runs its `main` inside
+`user_errors()`, which turns exactly those, and the OS errors of files (missing, unreadable, disk full), into one line
+`error: ...` and exit status 1. Anything else is a bug and keeps its traceback.
+
+    if __name__ == "__main__":
+        with config.user_errors():
+            main(config.parse(SampleConfig)[0])
+
 Importing this module loads neither torch nor yaml (yaml only when a YAML file is read), so tests and tools can use it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -27,13 +37,42 @@ import sys
 import tokenize
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TYPES = (str, int, float, bool)  # field types a flag can carry
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error the user caused and can fix (a flag, a file, the data); its message is the one line shown, naming the
+    flag or file. Every project error class derives from it; an entry point's `user_errors()` shows nothing else as
+    one line."""
+
+
+class ConfigError(UserError, ValueError):
     """A value or config file that cannot be used; the message is one line naming the flag (and the file)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: a UserError's own message; an OS error as 'FILE: what went wrong'; otherwise
+    'Type: message'. Whitespace (a traceback carried in a message, a wrapped line) is folded to single spaces."""
+    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
+        files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        text = f"{' -> '.join(files)}: {e.strerror}" if files else e.strerror
+    else:
+        text = str(e)
+        if not isinstance(e, UserError):
+            text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return " ".join(text.split()) or type(e).__name__
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """An entry point's guard: a UserError or an OSError becomes `error: <one line>` on stderr and exit status 1;
+    any other exception is a bug and propagates with its traceback."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
 
 
 def flag(name: str) -> str:

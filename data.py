@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from manifest import MANIFEST, ManifestError, attribute_names, read_manifest, sha256_file
+from config import UserError
 
 INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
 PREFETCH = 3  # DALI's prefetch_queue_depth: batches prepared ahead
@@ -52,11 +53,11 @@ class DataError(ManifestError):
     """Bad shards, manifest or arguments: a one-line message naming the file."""
 
 
-class ShardReadError(RuntimeError):
+class ShardReadError(UserError, RuntimeError):
     """A shard that could not be read while iterating (truncated or corrupt): a one-line message naming the file."""
 
 
-class DaliMissingError(RuntimeError):
+class DaliMissingError(UserError, RuntimeError):
     """backend="dali" without nvidia-dali installed."""
 
 

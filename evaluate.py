@@ -10,7 +10,7 @@ Samples go to --outdir (default RUN/eval/step-XXXXXXXX-ema-ddim50-eta0.0-seed0) 
 interrupted evaluation keeps its images and a rerun only makes the missing ones. Reference statistics (mean,
 covariance, and up to --kid-max features for KID) come from the images of the shards' --ref-split, once: they are
 cached under --cache-dir keyed by the shard manifest's sha256, the split, --ref-max and the feature network's identity.
-Metric maths and the choice of feature network: see metrics.py (our own, following torch-fidelity and clean-fid,
+Metric maths and the choice of feature network: see inception.py (our own, following torch-fidelity and clean-fid,
 because neither imports without a CUDA-built torchvision). Papers to compare with (DDIM, CelebA 64, 50k samples vs
 the training set): DDIM 50 steps 9.17, 100 steps 6.53, 1000 steps 3.51; DDPM 1000 steps 5.98.
 
@@ -43,11 +43,12 @@ from rich.table import Table
 
 import config
 import fid
-import metrics
+import inception
 from atomic import atomic_write
 from config import ConfigError
 from fid import EvalError
-from metrics import FeatureNet, FeatureStats, MetricsError
+from inception import FeatureNet
+from fid import FeatureStats, MetricsError
 from judge import Judge, JudgeError, load_judge
 from sample import (SampleConfig, SampleError, batches, check_config, console, existing_images, progress_bar,
                     sample_images, write_outdir)
@@ -101,7 +102,7 @@ class EvalConfig:
 
 def check_eval_config(cfg: EvalConfig) -> list[str]:
     """Validate; returns the metrics asked for (with "attrs" when a judge is given)."""
-    wanted = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
+    wanted = [m.strip() for m in cfg.inception.split(",") if m.strip()]
     bad = [m for m in wanted if m not in METRICS]
     if bad or not wanted:
         raise EvalError(f"--metrics: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(METRICS)})")
@@ -284,7 +285,7 @@ def main(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     fid_wanted = [m for m in wanted if m in ("fid", "kid")]
     # Load the feature network and the judge first: a missing file should stop us before an hour of sampling.
-    net = metrics.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
+    net = inception.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
         if fid_wanted else None
     if "attrs" in wanted:
         judge = load_judge(cfg.judge, device)

@@ -1,4 +1,16 @@
-"""FID and KID of images against a shards folder's cached reference statistics: shared by evaluate.py and train.py.
+"""FID and KID: the distances between feature sets, their running statistics, and the reference statistics of a
+shards folder, shared by evaluate.py and train.py (the feature networks are in inception.py).
+
+Why our own code rather than torch-fidelity or clean-fid: both import torchvision, and the torchvision wheel that
+matches our torch 2.13 (PyPI's torchvision 0.28.0) is built against CUDA torch: its `_C.so` links libtorch_cuda.so,
+so `import torchvision` fails under the CPU torch that these machines and CI run. The maths follows them exactly:
+
+- FID (Heusel et al. 2017), as pytorch-fid / clean-fid / torch-fidelity compute it: ||mu1 - mu2||^2
+  + Tr(S1 + S2 - 2 sqrtm(S1 S2)) on float64 mean and covariance (ddof 1), retrying with eps*I added to both
+  covariances when sqrtm is not finite, and keeping the real part of sqrtm.
+- KID (Binkowski et al. 2018), as torch-fidelity computes it: the unbiased MMD^2 estimate with the polynomial kernel
+  k(x, y) = (x.y / d + 1)^3, over `subsets` random subsets of `subset_size` features from each set (clamped to the
+  smaller set, as clean-fid does), drawn by np.random.RandomState(seed); reported as mean and std over subsets.
 
 The reference images are read through data.make_loader with every shard's sha256 checked (a damaged shard is an
 error, never a short set); their statistics are cached under ~/.cache/celeba-ddpm/ref-stats keyed by the shards'
@@ -9,6 +21,9 @@ fixed set of EMA samples (DDIM, fixed noise) at a few steps, cheap enough to fol
 from __future__ import annotations
 
 import hashlib
+import io
+import warnings
+from dataclasses import dataclass
 import json
 import math
 import time
@@ -17,20 +32,133 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import linalg
 
-import metrics
+import inception
 from atomic import atomic_write
 from data import DataError, ShardReadError, make_loader
-from images import to_uint8
+from grids import to_uint8
 from manifest import MANIFEST, read_manifest
-from metrics import FeatureNet, FeatureStats
+from inception import FeatureNet
 from utills import writing
+from config import UserError
 
 REF_KID_MAX = 10000  # reference features kept for KID (evaluate.py's default, so both share the cached statistics)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input (unknown metric, missing manifest, size mismatch): a one-line message."""
+
+
+class MetricsError(UserError, ValueError):
+    """Features that cannot give a metric (too few, mismatched sizes, non-finite): a one-line message."""
+
+
+# ------------------------------------------------------------------------------------------------ the distances
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """FID between N(mu1, sigma1) and N(mu2, sigma2); mu [D], sigma [D, D] (float64)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricsError(f"fid: statistics of different sizes ({mu1.shape[0]} vs {mu2.shape[0]} features)")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # a singular product (fewer images than features) warns; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            # As the reference implementations: retry with eps * I added to both covariances.
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise MetricsError(f"fid: sqrtm has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def polynomial_mmd2(f1: np.ndarray, f2: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
+    """Unbiased MMD^2 between two equally sized feature sets [m, D] with k(x, y) = (x.y / D + coef0)^degree."""
+    m = f1.shape[0]
+    gamma = 1.0 / f1.shape[1]
+    k_xx = (f1 @ f1.T * gamma + coef0) ** degree
+    k_yy = (f2 @ f2.T * gamma + coef0) ** degree
+    k_xy = (f1 @ f2.T * gamma + coef0) ** degree
+    sum_xx = k_xx.sum() - np.diagonal(k_xx).sum()
+    sum_yy = k_yy.sum() - np.diagonal(k_yy).sum()
+    return float((sum_xx + sum_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std) over `subsets` random subsets; f1 [N1, D], f2 [N2, D]."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if f1.shape[1] != f2.shape[1]:
+        raise MetricsError(f"kid: features of different sizes ({f1.shape[1]} vs {f2.shape[1]})")
+    m = min(f1.shape[0], f2.shape[0], subset_size)
+    if m < 2:
+        raise MetricsError(f"kid: needs at least 2 features per set, got {f1.shape[0]} and {f2.shape[0]}")
+    rng = np.random.RandomState(seed)
+    mmds = np.array([polynomial_mmd2(f1[rng.choice(len(f1), m, replace=False)],
+                                     f2[rng.choice(len(f2), m, replace=False)]) for _ in range(subsets)])
+    return float(mmds.mean()), float(mmds.std())
+
+
+@dataclass
+class FeatureStats:
+    """Running float64 mean and covariance of a feature stream, keeping the first `keep` rows for KID."""
+    keep: int = 10000
+    count: int = 0
+    total: np.ndarray | None = None  # [D] sum of features
+    outer: np.ndarray | None = None  # [D, D] sum of outer products
+    kept: list[np.ndarray] | None = None
+
+    def add(self, feats: np.ndarray) -> None:
+        """feats [B, D]."""
+        feats = np.asarray(feats, np.float64)
+        if not np.isfinite(feats).all():
+            raise MetricsError("features: non-finite values from the feature network")
+        if self.total is None:
+            self.total, self.outer, self.kept = np.zeros(feats.shape[1]), np.zeros((feats.shape[1],) * 2), []
+        self.count += len(feats)
+        self.total += feats.sum(0)
+        self.outer += feats.T @ feats
+        room = self.keep - sum(len(k) for k in self.kept)
+        if room > 0:
+            self.kept.append(feats[:room].astype(np.float32))
+
+    @property
+    def mu(self) -> np.ndarray:
+        return self.total / self.count
+
+    @property
+    def sigma(self) -> np.ndarray:
+        """Unbiased covariance (as np.cov(features, rowvar=False))."""
+        if self.count < 2:
+            raise MetricsError(f"features: a covariance needs at least 2 images, got {self.count}")
+        mu = self.mu
+        return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+    @property
+    def features(self) -> np.ndarray:
+        return np.concatenate(self.kept) if self.kept else np.zeros((0, 0), np.float32)
+
+    def to_bytes(self) -> bytes:
+        """The raw sums (so statistics read back are bit-identical) and the kept features, as .npz bytes."""
+        buf = io.BytesIO()
+        np.savez(buf, count=self.count, total=self.total, outer=self.outer, features=self.features, keep=self.keep)
+        return buf.getvalue()
+
+    @classmethod
+    def from_npz(cls, path: Path) -> FeatureStats:
+        """Stats saved by to_bytes."""
+        with np.load(path) as z:
+            return cls(keep=int(z["keep"]), count=int(z["count"]), total=z["total"], outer=z["outer"],
+                       kept=[z["features"]])
+
+
+# ------------------------------------------------------------------------------------------------ reference statistics
 
 
 def reference_loaders(shards: Path, split: str, batch_size: int) -> list:
@@ -106,7 +234,7 @@ def reference_stats(shards: str | Path, split: str, net: FeatureNet, image_size:
     info = {"shards": str(shards), "split": split, "count": count, "feature_network": net.name,
             "kid_max": kid_max, "shards_sha256": hashlib.sha256("".join(checksums).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "shards"}, sort_keys=True).encode())
-    cache = Path(cache_dir) if cache_dir else metrics.cache_root() / "ref-stats"
+    cache = Path(cache_dir) if cache_dir else inception.cache_root() / "ref-stats"
     path = cache / f"ref-{key.hexdigest()[:24]}.npz"
     if path.is_file():
         try:
@@ -133,9 +261,9 @@ def scores(gen: FeatureStats, ref: FeatureStats, wanted: tuple[str, ...] | list[
     """{"fid", "kid_mean", "kid_std", "kid_subsets", "kid_subset_size"} (those asked for) of generated vs reference."""
     result: dict = {}
     if "fid" in wanted:
-        result["fid"] = metrics.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
+        result["fid"] = frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
     if "kid" in wanted:
-        mean, std = metrics.kernel_inception_distance(gen.features, ref.features, kid_subsets, kid_subset_size, seed)
+        mean, std = kernel_inception_distance(gen.features, ref.features, kid_subsets, kid_subset_size, seed)
         result.update(kid_mean=mean, kid_std=std, kid_subsets=kid_subsets,
                       kid_subset_size=min(kid_subset_size, len(gen.features), len(ref.features)))
     return result
@@ -148,7 +276,7 @@ class TrainingFID:
     def __init__(self, shards: str | Path, image_size: int, channels: int, n: int, steps: int, seed: int,
                  device: torch.device, batch_size: int = 64, ref_max: int = 0, log: Callable[[str], None] = print):
         # The feature network first: without it, stop before the first training step rather than at the first eval.
-        self.net = metrics.load_feature_net("inception", device=device)
+        self.net = inception.load_feature_net("inception", device=device)
         self.ref, self.ref_info = reference_stats(shards, "train", self.net, image_size, batch_size=batch_size,
                                                   ref_max=ref_max, log=log)
         self.n, self.steps, self.batch_size, self.seed = n, steps, batch_size, seed

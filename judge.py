@@ -34,7 +34,7 @@ from torch import nn
 
 import config
 from atomic import atomic_write
-from config import ConfigError
+from config import ConfigError, UserError
 from manifest import read_manifest, sha256_file
 from utills import CheckpointError, WriteError, atomic_save, pick_device, set_threads, writing
 
@@ -60,7 +60,7 @@ class JudgeConfig:
                               "max_images": ">= 2", "seed": ">= 0", "threads": ">= 0"}
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """Unusable shards or judge file: a one-line message naming it."""
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from config import UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1  # the "version" prepare_shards.py writes
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """An unreadable or malformed manifest: a one-line message naming the file."""
 
 

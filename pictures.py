@@ -25,9 +25,10 @@ from rich.console import Console
 
 import config
 from diffusion import GaussianDiffusion
-from images import save_grid
+from grids import save_grid
 from atomic import atomic_write
 from utills import read_metrics, run_paths
+from config import UserError
 
 console = Console(stderr=True)
 
@@ -44,7 +45,7 @@ class PicturesConfig:
     BOUNDS: ClassVar[dict[str, str]] = {"seed": ">= 0"}  # checked by config.check
 
 
-class PicturesError(ValueError):
+class PicturesError(UserError, ValueError):
     """Nothing to draw, or bad input for a picture: a one-line message."""
 
 

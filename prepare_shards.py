@@ -57,7 +57,7 @@ from rich.text import Text
 
 import config
 from atomic import atomic_write, fsync_dir
-from config import ConfigError
+from config import ConfigError, UserError
 from manifest import MANIFEST, MANIFEST_VERSION, ManifestError, read_manifest, sha256_file
 
 SPLITS = ("train", "valid", "test")
@@ -100,11 +100,11 @@ class PrepareConfig:
                                         "workers": ">= 0", "seed": ">= 0", "max_bad_fraction": "0..1"}
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError, ValueError):
     """Bad input found before anything is written (missing SRC, malformed metadata, OUT inside SRC, ...)."""
 
 
-class TooManyBadInputs(RuntimeError):
+class TooManyBadInputs(UserError, RuntimeError):
     """More than max_bad_fraction of the inputs were skipped; the manifest has been written and lists them."""
 
     def __init__(self, message: str, manifest: dict):

@@ -50,8 +50,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import config
 from atomic import atomic_write
-from config import ConfigError
-from images import png_bytes, save_grid, to_uint8
+from config import ConfigError, UserError
+from grids import png_bytes, save_grid, to_uint8
 from utills import (PRECISIONS, CheckpointError, Loaded, WriteError, autocast, export_safetensors, load_model,
                     pick_device, remove_stale_temporaries, set_threads, weights_digest, writing)
 
@@ -91,7 +91,7 @@ class SampleConfig:
                               "seed": ">= 0", "eta": "0..1", "threads": ">= 0", "guidance": ">= 0"}
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
     """Bad input for sampling (unknown attribute, unusable file, mismatched folder): a one-line message."""
 
 

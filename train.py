@@ -41,9 +41,9 @@ from data import DaliMissingError, DataError, ShardReadError, make_loader
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from fid import EvalError, TrainingFID
-from images import save_grid
-from metrics import MetricsError
-from training import make_optimizer, train_step
+from grids import save_grid
+from fid import MetricsError
+from step import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
 from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
                     list_checkpoints, load_checkpoint, lock_run, make_checkpoint, nan_test_steps, pick_device,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from atomic import atomic_write, fsync_dir
-from config import ConfigError
+from config import ConfigError, UserError
 from diffusion import GaussianDiffusion
 from ema import EMA
 from unet import UNet
@@ -152,7 +152,7 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, truncated, corrupt, incomplete or holds non-finite weights (one-line message)."""
 
 
@@ -221,7 +221,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str) -> list[Pa
     return removed
 
 
-class WriteError(RuntimeError):
+class WriteError(UserError, RuntimeError):
     """An OS error (disk full, quota, I/O) while writing a run's file: one line naming the file, the error and the
     newest intact checkpoint."""
 
@@ -240,7 +240,7 @@ def writing(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -
         raise WriteError(f"{path}: {e.strerror or e} (errno {e.errno}) while writing{where}") from None
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another live process trains in this run folder (one line naming it)."""
 
 

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
               "second_run": {"exit": second.returncode, "seconds": round(seconds2, 2), **run_figures(after)},
               "curve": [{"step": r["step"], "loss": r["loss"]} for r in records],
               "config": dataclasses.asdict(cfg), "machine": common.machine(),
-              "commit": common.commit("train.py", "training.py", "utills.py", "data.py")}
+              "commit": common.commit("train.py", "step.py", "utills.py", "data.py")}
     for name, ok in checks.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {name}")
     print(f"resume check {'PASS' if report['pass'] else 'FAIL'}: SIGTERM at step {signalled}, checkpoint at step "

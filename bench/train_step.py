@@ -1,4 +1,4 @@
-"""Time the training step that train.py runs (training.train_step) and the loop around it, side by side in one run.
+"""Time the training step that train.py runs (step.train_step) and the loop around it, side by side in one run.
 
     python bench/train_step.py [--parts grid,ema,data,e2e] [--presets small64,celeba64,celeba128] [--json PATH]
     python bench/train_step.py --cpu            # tiny sizes on the CPU: what the tests run (no GPU figure)
@@ -52,7 +52,7 @@ from bench import common  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from ema import EMA  # noqa: E402
 from manifest import read_manifest  # noqa: E402
-from training import make_optimizer, train_step  # noqa: E402
+from step import make_optimizer, train_step  # noqa: E402
 from unet import PRESETS, build_unet  # noqa: E402
 from utills import PRECISIONS, TrainState, autocast  # noqa: E402
 
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = common.gpu_machine(device)
     parts = common.names(cfg.parts)
     report = {"bench": "train_step", "config": dataclasses.asdict(cfg), "machine": info,
-              "commit": common.commit("training.py", "unet.py", "diffusion.py", "ema.py", "data.py",
+              "commit": common.commit("step.py", "unet.py", "diffusion.py", "ema.py", "data.py",
                                       "bench/train_step.py"),
               "gpu_figures": device.type == "cuda"}
     console.print(f"[bold]bench/train_step[/] on {device} ({info.get('gpu') or info['cpu']}), parts {parts}")

