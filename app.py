@@ -44,7 +44,7 @@ from atomic import atomic_write
 from config import ConfigError, UserError
 from grids import png_bytes, save_grid, to_uint8
 from sample import SampleConfig, batches, check_config, grid_columns, parse_attrs, sample_n, trajectory_strip
-from utills import (PRECISIONS, CheckpointError, CheckpointWarning, Loaded, WriteError, list_checkpoints, load_model,
+from utills import (PRECISIONS, CheckpointError, CheckpointWarning, LoadedModel, WriteError, list_checkpoints, load_model,
                     pick_device, read_metrics, resolve_checkpoint, run_paths, set_threads)
 
 console = Console(stderr=True)
@@ -140,7 +140,7 @@ def first_choice(ckpt: Path) -> str:
 
 
 def checkpoint_facts(path: Path) -> dict:
-    """The plain values of a checkpoint file that Loaded does not carry (images seen, epoch, the training config),
+    """The plain values of a checkpoint file that LoadedModel does not carry (images seen, epoch, the training config),
     read without its weights (a memory map); {} for a safetensors export or a file that does not load."""
     if path.suffix == ".safetensors":
         return {}
@@ -152,7 +152,7 @@ def checkpoint_facts(path: Path) -> dict:
     return {}
 
 
-def describe(loaded: Loaded) -> str:
+def describe(loaded: LoadedModel) -> str:
     """Markdown: what the loaded checkpoint is."""
     facts = checkpoint_facts(loaded.source)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -174,7 +174,7 @@ def describe(loaded: Loaded) -> str:
     return "\n".join(lines)
 
 
-def attribute_note(loaded: Loaded | None) -> str:
+def attribute_note(loaded: LoadedModel | None) -> str:
     """What "free" means for this checkpoint: three-state models leave an unnamed attribute to the model."""
     if loaded is None or not loaded.conditional:
         return ""
@@ -236,10 +236,10 @@ class Models:
     def __init__(self, device: torch.device):
         self.device = device
         self.key: tuple | None = None
-        self.loaded: Loaded | None = None
+        self.loaded: LoadedModel | None = None
         self.lock = threading.Lock()
 
-    def get(self, path: str, ema: bool) -> Loaded:
+    def get(self, path: str, ema: bool) -> LoadedModel:
         """The model of checkpoint `path` (reloaded when the file changed); CheckpointError for a bad file."""
         if not path:
             raise AppError("no checkpoint chosen (the run has none yet)")

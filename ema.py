@@ -7,7 +7,7 @@ and a context that swaps the averaged weights in and puts the trained ones back 
 
     ema = EMA(model, decay=0.9999)
     ...; optimizer.step(); ema.update()
-    with ema.average_parameters():
+    with ema.sampling(model):  # the averaged weights, eval mode, the random states untouched afterwards
         images = diffusion.sample(model, ...)
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from torch_ema import ExponentialMovingAverage
 
@@ -72,6 +73,20 @@ class EMA:
         finally:
             # torch-ema keeps the stored copy after restoring; drop it so it is neither held in memory nor saved.
             self._ema.collected_params = None
+
+    @contextlib.contextmanager
+    def sampling(self, model: nn.Module) -> Iterator[None]:
+        """Sample from the averaged weights in the middle of training without changing what training sees: the EMA
+        weights swapped into `model` (the tracked module) in eval mode, and afterwards the trained weights, the mode and
+        the global random states (the CPU's and the model's GPU's) put back as they were."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            with self.average_parameters(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                yield
+        finally:
+            model.train(was_training)
 
     def state_dict(self) -> dict:
         """Plain values and a list of tensors (copies, so later updates do not change a dict being saved)."""

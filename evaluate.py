@@ -52,7 +52,7 @@ from fid import FeatureStats, MetricsError
 from judge import Judge, JudgeError, load_judge
 from sample import (SampleConfig, SampleError, batches, check_config, console, existing_images, progress_bar,
                     sample_images, write_outdir)
-from utills import CheckpointError, Loaded, WriteError, load_model, pick_device, run_paths, set_threads, writing
+from utills import CheckpointError, LoadedModel, WriteError, load_model, pick_device, run_paths, set_threads, os_errors_as_write_error
 
 METRICS = ("fid", "kid", "attrs")
 SPLITS = ("train", "valid", "test", "all")
@@ -133,7 +133,7 @@ def sample_config(cfg: EvalConfig) -> SampleConfig:
                         precision=cfg.precision, attrs=cfg.attrs, guidance=cfg.guidance)
 
 
-def run_folder(loaded: Loaded, ckpt: str) -> Path:
+def run_folder(loaded: LoadedModel, ckpt: str) -> Path:
     """The run a checkpoint belongs to: RUN for RUN/checkpoints/step-*.pt, else the folder given or the file's."""
     if Path(ckpt).is_dir() and Path(ckpt) != run_paths(Path(ckpt).parent).checkpoints:
         return Path(ckpt)
@@ -141,7 +141,7 @@ def run_folder(loaded: Loaded, ckpt: str) -> Path:
     return parent.parent if parent == run_paths(parent.parent).checkpoints else parent
 
 
-def default_outdir(run: Path, loaded: Loaded, s: SampleConfig) -> Path:
+def default_outdir(run: Path, loaded: LoadedModel, s: SampleConfig) -> Path:
     """RUN/eval/step-00012000-ema-ddim50-eta0.0-seed0 (+ guidance and attributes when conditional)."""
     name = f"step-{max(loaded.step, 0):08d}-{loaded.weights}-{s.sampler}{s.steps}-eta{s.eta}-seed{s.seed}"
     if s.sampler == "ddpm":
@@ -183,7 +183,7 @@ def generated_images(outdir: Path, n: int, image_size: int) -> Iterator[np.ndarr
 
 # ------------------------------------------------------------------------------------------------ attributes
 
-def judged_rates(loaded: Loaded, scfg: SampleConfig, judge: Judge, n: int, bar: Progress, task) -> torch.Tensor:
+def judged_rates(loaded: LoadedModel, scfg: SampleConfig, judge: Judge, n: int, bar: Progress, task) -> torch.Tensor:
     """Images 0..n-1 made with scfg (in memory) -> [A] the rate at which the judge sees each attribute."""
     seen = []
     for start, count in batches(n, scfg.batch_size):
@@ -192,7 +192,7 @@ def judged_rates(loaded: Loaded, scfg: SampleConfig, judge: Judge, n: int, bar: 
     return torch.cat(seen).float().mean(0)
 
 
-def report_attributes(cfg: EvalConfig, loaded: Loaded, judge: Judge) -> dict:
+def report_attributes(cfg: EvalConfig, loaded: LoadedModel, judge: Judge) -> dict:
     """The attribute report (see the module's text) -> the "attributes" part of eval.json."""
     scales = [float(w) for w in cfg.judge_guidance.split(",") if w.strip()]
     if loaded.conditional and loaded.attributes != judge.attributes:
@@ -269,7 +269,7 @@ def show_attributes(rep: dict, md_path: Path) -> None:
         console.print(table)
         md += [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
-    with writing(md_path):
+    with os_errors_as_write_error(md_path):
         atomic_write(md_path, ("\n".join(md)).encode())
 
 
@@ -318,9 +318,9 @@ def main(cfg: EvalConfig) -> dict:
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     })
     out = Path(cfg.out) if cfg.out else run_paths(run).eval_json
-    with writing(out):
+    with os_errors_as_write_error(out):
         atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
-    with writing(out.with_suffix(".jsonl")), open(out.with_suffix(".jsonl"), "a") as f:
+    with os_errors_as_write_error(out.with_suffix(".jsonl")), open(out.with_suffix(".jsonl"), "a") as f:
         f.write(json.dumps(result) + "\n")
     if "attrs" in wanted:
         show_attributes(result["attributes"], out.with_name(out.stem + "-attributes.md"))

@@ -40,7 +40,7 @@ from data import DataError, ShardReadError, make_loader
 from grids import to_uint8
 from manifest import MANIFEST, read_manifest
 from inception import FeatureNet
-from utills import writing
+from utills import os_errors_as_write_error
 from config import UserError
 
 REF_KID_MAX = 10000  # reference features kept for KID (evaluate.py's default, so both share the cached statistics)
@@ -251,7 +251,7 @@ def reference_stats(shards: str | Path, split: str, net: FeatureNet, image_size:
     if stats.count != count:  # never a silently short reference set
         raise EvalError(f"{shards}: read {stats.count} reference images of split {split!r}, the manifest lists "
                         f"{count}")
-    with writing(path):
+    with os_errors_as_write_error(path):
         atomic_write(path, stats.to_bytes())
     return stats, {**info, "cache": str(path)}
 
@@ -284,18 +284,16 @@ class TrainingFID:
 
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module, ema, diffusion, amp) -> dict:
-        """{"fid", "kid", "kid_std", "eval_n", "eval_s"} of the EMA weights; model is left in train mode."""
+        """{"fid", "kid", "kid_std", "eval_n", "eval_s"} of the EMA weights; the model keeps its mode."""
         t0 = time.perf_counter()
         device = next(model.parameters()).device
-        model.eval()
         gen = FeatureStats(keep=self.n)
-        with ema.average_parameters(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), amp:
+        with ema.sampling(model), amp:
             for i in range(0, self.n, self.batch_size):
                 noise = self.noise[i:i + self.batch_size].to(device)
                 x = diffusion.sample(model, tuple(noise.shape), sampler="ddim", steps=min(self.steps,
                                      diffusion.num_timesteps), noise=noise)
                 gen.add(self.net(to_uint8(x)))
-        model.train()
         out = scores(gen, self.ref, seed=self.seed, kid_subsets=100, kid_subset_size=1000)
         fid = out["fid"] if math.isfinite(out["fid"]) else None
         return {"fid": fid, "kid": out["kid_mean"], "kid_std": out["kid_std"], "eval_n": self.n,

@@ -36,7 +36,7 @@ import config
 from atomic import atomic_write
 from config import ConfigError, UserError
 from manifest import read_manifest, sha256_file
-from utills import CheckpointError, WriteError, atomic_save, pick_device, set_threads, writing
+from utills import CheckpointError, WriteError, atomic_save, pick_device, set_threads, os_errors_as_write_error
 
 console = Console(stderr=True)
 JUDGE_FORMAT = "celeba-ddpm-judge-1"
@@ -229,9 +229,9 @@ def train(cfg: JudgeConfig) -> Judge:
     }
     ckpt = {"format": JUDGE_FORMAT, "config": net.config, "attributes": names, "image_size": size,
             "state_dict": net.state_dict(), "report": report}
-    with writing(out):
+    with os_errors_as_write_error(out):
         atomic_save(out, ckpt)
-    with writing(out.with_suffix(".json")):
+    with os_errors_as_write_error(out.with_suffix(".json")):
         atomic_write(out.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
     show(judge, valid_rate)
     console.print(f"[bold green]wrote {out} and {out.with_suffix('.json')}[/] ({seconds:.0f} s; mean balanced "

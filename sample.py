@@ -52,8 +52,8 @@ import config
 from atomic import atomic_write
 from config import ConfigError, UserError
 from grids import png_bytes, save_grid, to_uint8
-from utills import (PRECISIONS, CheckpointError, Loaded, WriteError, autocast, export_safetensors, load_model,
-                    pick_device, remove_stale_temporaries, set_threads, weights_digest, writing)
+from utills import (PRECISIONS, CheckpointError, LoadedModel, WriteError, autocast, export_safetensors, load_model,
+                    pick_device, remove_stale_temporaries, set_threads, weights_digest, os_errors_as_write_error)
 
 console = Console(stderr=True)
 
@@ -108,7 +108,7 @@ def check_config(cfg: SampleConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ conditioning
 
-def parse_attrs(spec: str, loaded: Loaded) -> torch.Tensor | None:
+def parse_attrs(spec: str, loaded: LoadedModel) -> torch.Tensor | None:
     """"Smiling=1,Eyeglasses=0" -> a [cond_dim] float vector; "" -> None (every attribute free / unconditional).
 
     Unnamed attributes are -1 (free) for a three-state model and 0 for a two-state one (see the module's text).
@@ -135,7 +135,7 @@ def parse_attrs(spec: str, loaded: Loaded) -> torch.Tensor | None:
     return vec
 
 
-def sweep_rows(cfg: SampleConfig, loaded: Loaded) -> list[tuple[str, SampleConfig]]:
+def sweep_rows(cfg: SampleConfig, loaded: LoadedModel) -> list[tuple[str, SampleConfig]]:
     """The rows of a --sweep grid: (label, the settings of that row), checked before any sampling."""
     spec = cfg.sweep.strip()
     if spec.startswith("guidance="):
@@ -167,7 +167,7 @@ def sweep_rows(cfg: SampleConfig, loaded: Loaded) -> list[tuple[str, SampleConfi
     return rows
 
 
-def sweep_grid(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike) -> Path:
+def sweep_grid(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike) -> Path:
     """One labelled row of cfg.n images per sweep setting; column j starts from image j's noise in every row."""
     rows = sweep_rows(cfg, loaded)
     pictures = []
@@ -177,7 +177,7 @@ def sweep_grid(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike) -> Pa
             for start, count in batches(cfg.n, cfg.batch_size):
                 pictures.append(sample_images(loaded, row, start, count))
                 bar.advance(task, count)
-    with writing(path):
+    with os_errors_as_write_error(path):
         return save_grid(torch.cat(pictures), path, nrow=cfg.n, padding=2, labels=[label for label, _ in rows])
 
 
@@ -199,7 +199,7 @@ def initial_noise(seed: int, start: int, count: int, shape: tuple[int, int, int]
                         for i in range(start, start + count)])
 
 
-def sample_images(loaded: Loaded, cfg: SampleConfig, start: int, count: int,
+def sample_images(loaded: LoadedModel, cfg: SampleConfig, start: int, count: int,
                   return_trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Images start..start+count-1 of the run `cfg.seed` -> [count, C, H, W] float32 in [-1, 1] on the CPU.
 
@@ -233,7 +233,7 @@ def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
 
 
-def sample_n(loaded: Loaded, cfg: SampleConfig, n: int | None = None) -> torch.Tensor:
+def sample_n(loaded: LoadedModel, cfg: SampleConfig, n: int | None = None) -> torch.Tensor:
     """Images 0..n-1 -> [n, C, H, W] in [-1, 1] (CPU), batch by batch with a progress bar."""
     n = cfg.n if n is None else n
     out = []
@@ -250,7 +250,7 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def outdir_settings(loaded: Loaded, cfg: SampleConfig) -> dict:
+def outdir_settings(loaded: LoadedModel, cfg: SampleConfig) -> dict:
     """What decides the pixels of an --outdir; a folder is only added to with the same values."""
     settings = {
         "weights_sha256": weights_digest(loaded.model),
@@ -278,7 +278,7 @@ def existing_images(outdir: Path, n: int) -> set[int]:
     return {i for p in outdir.iterdir() if (m := IMAGE_RE.match(p.name)) and (i := int(m.group(1))) < n}
 
 
-def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n: int | None = None) -> int:
+def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLike, n: int | None = None) -> int:
     """Make images 0..n-1 as outdir/NNNNNN.png, keeping those already there; returns how many were made now.
 
     A batch whose images all exist is skipped; a partly written one is made again and only its missing files are
@@ -301,7 +301,7 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
                               f"{settings.get(k)!r} now); use another --outdir")
     elif existing_images(outdir, n):
         raise SampleError(f"{outdir}: holds images but no {SETTINGS_FILE}; use an empty or new --outdir")
-    with writing(settings_path):
+    with os_errors_as_write_error(settings_path):
         atomic_write(settings_path, (json.dumps(settings, indent=2) + "\n").encode())
     for tmp in remove_stale_temporaries(outdir, ".*.tmp-*"):  # what a killed run was writing
         console.print(f"removed {tmp.name}, left by an interrupted run")
@@ -315,14 +315,14 @@ def write_outdir(loaded: Loaded, cfg: SampleConfig, outdir: str | os.PathLike, n
             pictures = to_uint8(sample_images(loaded, cfg, start, count))
             for k, picture in enumerate(pictures):
                 if start + k not in have:
-                    with writing(outdir / f"{start + k:06d}.png"):
+                    with os_errors_as_write_error(outdir / f"{start + k:06d}.png"):
                         atomic_write(outdir / f"{start + k:06d}.png", png_bytes(picture))
                     made += 1
             bar.advance(task, count)
     return made
 
 
-def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike) -> Path:
+def trajectory_strip(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike) -> Path:
     """A [rows x 9] picture: x_T, then the predicted x0 at ~8 evenly spaced steps (the last is the sample)."""
     rows = min(cfg.trajectory_rows, cfg.batch_size)
     s = loaded.image_size
@@ -330,7 +330,7 @@ def trajectory_strip(loaded: Loaded, cfg: SampleConfig, path: str | os.PathLike)
     _, traj = sample_images(loaded, cfg, 0, rows, return_trajectory=True)
     columns = [noise.clamp(-1, 1)] + traj
     strip = torch.stack(columns, dim=1).reshape(rows * len(columns), *noise.shape[1:])  # row-major: one row per image
-    with writing(path):
+    with os_errors_as_write_error(path):
         return save_grid(strip, path, nrow=len(columns), padding=2)
 
 
@@ -356,13 +356,13 @@ def main(cfg: SampleConfig) -> list[Path]:
             raise SampleError("--sweep writes its grid to --out; give one")
 
     if cfg.export:
-        with writing(cfg.export):
+        with os_errors_as_write_error(cfg.export):
             wrote.append(export_safetensors(loaded, cfg.export))
     if cfg.out and cfg.sweep:
         wrote.append(sweep_grid(loaded, cfg, cfg.out))
     elif cfg.out:
         images = sample_n(loaded, cfg)
-        with writing(cfg.out):
+        with os_errors_as_write_error(cfg.out):
             wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
     if cfg.outdir:
         made = write_outdir(loaded, cfg, cfg.outdir)

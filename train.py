@@ -48,7 +48,7 @@ from unet import PRESETS, UNet, build_unet
 from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
                     list_checkpoints, load_checkpoint, lock_run, make_checkpoint, nan_test_steps, pick_device,
                     resolve_checkpoint, resolve_precision, restore_checkpoint, restore_rng, run_paths,
-                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest, writing)
+                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest, os_errors_as_write_error)
 
 
 @dataclass
@@ -369,7 +369,7 @@ def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, rank
             console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
     metrics_file = None
     if ranks.is_main:
-        with writing(run.metrics, run.root):
+        with os_errors_as_write_error(run.metrics, run.root):
             metrics_file = cleanup.enter_context(open(run.metrics, "a"))
     progress = cleanup.enter_context(Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -395,7 +395,7 @@ def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
 def write_record(record: dict, eval_keys: Collection[str], run: RunPaths, metrics_file, writer, progress, task,
                  console: Console, total_steps: int) -> None:
     """One metrics record (rank 0): a metrics.jsonl line, TensorBoard scalars (train/ and eval/), the status line."""
-    with writing(run.metrics, run.root):
+    with os_errors_as_write_error(run.metrics, run.root):
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
     if writer is not None:
@@ -428,7 +428,7 @@ def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: 
         if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
             raise FloatingPointError(f"step {state.step}: the weights are not finite; not writing a checkpoint "
                                      f"over {last or 'the previous ones'}")
-        with writing(path, run.root):
+        with os_errors_as_write_error(path, run.root):
             last = save_checkpoint(run.root, ckpt, state.step, cfg.keep, best=best)
         console.print(f"checkpoint: {last}" + (f" (best FID {state.best_fid:.2f}: {run.best_fid})" if best else ""))
     if ranks.world_size > 1:
@@ -487,7 +487,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
         if ranks.is_main:  # only now that the data and the checkpoint have been accepted
-            with writing(run.config, run.root):
+            with os_errors_as_write_error(run.config, run.root):
                 atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
 
         # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
@@ -512,7 +512,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             else:  # a new number of ranks: fresh streams, apart from those of the first start
                 noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
             if ranks.is_main:
-                with writing(run.metrics, run.root):
+                with os_errors_as_write_error(run.metrics, run.root):
                     trim_metrics(run.metrics, state.step)
         del ckpt  # the restored state lives in the objects now; free the copies
 
@@ -607,13 +607,10 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
             if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):
-                model.eval()
-                with state.ema.average_parameters(), torch.random.fork_rng(
-                        devices=[device] if device.type == "cuda" else []), amp:
+                with state.ema.sampling(model), amp:
                     grid = diffusion.sample(model, tuple(sample_noise.shape), sampler="ddim",
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
-                model.train()
-                with writing(run.sample_grid(step), run.root):
+                with os_errors_as_write_error(run.sample_grid(step), run.root):
                     grid_path = save_grid(grid, run.sample_grid(step), nrow=8)
                 if writer is not None:
                     writer.add_images("samples", (grid.clamp(-1, 1) + 1) / 2, step)

@@ -101,6 +101,10 @@ class RunPaths:
         return self.root / "eval.json"
 
     @property
+    def eval_history(self) -> Path:  # every evaluate.py result of the run, one JSON record a line
+        return self.root / "eval.jsonl"
+
+    @property
     def lock(self) -> Path:  # held by the live trainer (lock_run)
         return self.root / ".lock"
 
@@ -227,7 +231,7 @@ class WriteError(UserError, RuntimeError):
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Iterator[None]:
+def os_errors_as_write_error(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Iterator[None]:
     """Turn an OSError raised in the block into a WriteError naming `path`, the error and, with `run_dir`, the newest
     checkpoint there that is complete (atomic writes leave the previous one intact and no partial file)."""
     try:
@@ -549,7 +553,7 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- a model for sampling
 
 @dataclass
-class Loaded:
+class LoadedModel:
     """A model ready to sample, with where it came from."""
     model: UNet  # in eval() on the sampling device, the chosen weights in place
     diffusion: GaussianDiffusion
@@ -578,7 +582,7 @@ class Loaded:
         return self.conditional and bool(self.model_config.get("cond_free", False))
 
 
-def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu") -> Loaded:
+def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the UNet and diffusion from a run folder, a checkpoint file or an exported safetensors file."""
     path = Path(ckpt)
     if path.suffix == ".safetensors":
@@ -595,7 +599,7 @@ def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.devi
             ema.copy_to(model)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), diffusion.to(device), list(ckpt_dict.get("attributes") or []), path,
+    return LoadedModel(model.to(device).eval(), diffusion.to(device), list(ckpt_dict.get("attributes") or []), path,
                   int(ckpt_dict.get("step", -1)), "ema" if use_ema else "raw", model_config, diffusion_config)
 
 
@@ -608,7 +612,7 @@ def _build(path: Path, model_config: Any, diffusion_config: Any) -> tuple[UNet, 
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
-def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> Loaded:
+def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> LoadedModel:
     """An export_safetensors file: weights plus JSON configs in the header metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -639,11 +643,11 @@ def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> 
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
-    return Loaded(model.to(device).eval(), diffusion.to(device), attributes, path, step, weights, model_config,
+    return LoadedModel(model.to(device).eval(), diffusion.to(device), attributes, path, step, weights, model_config,
                   diffusion_config)
 
 
-def export_safetensors(loaded: Loaded, path: str | os.PathLike) -> Path:
+def export_safetensors(loaded: LoadedModel, path: str | os.PathLike) -> Path:
     """Write the loaded weights with the UNet and diffusion configs (JSON strings) in the metadata, atomically."""
     from safetensors.torch import save
 
@@ -672,13 +676,21 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 # ------------------------------------------------------------------------------------- device, precision, threads
 
+DEVICE_WORDS = "auto, cuda, cuda:N or cpu"  # what every script's --device takes
+
+
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
-    """auto -> the GPU (this rank's under torchrun) when CUDA is present, else the CPU; cuda without one is an error."""
+    """--device: auto -> the GPU (this rank's under torchrun) when CUDA is present, else the CPU; cuda -> this rank's
+    GPU; cuda:N -> GPU N; cpu. A name of another form, or a GPU this machine lacks, is a ConfigError."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ConfigError(f"--device must be {DEVICE_WORDS}, got {name!r}")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     device = torch.device(name if name.startswith("cuda:") else f"cuda:{local_rank or 0}")
+    if device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     torch.cuda.set_device(device)
     return device
 

@@ -31,7 +31,7 @@ def cond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loaded(run: Path) -> sample.Loaded:
+def loaded(run: Path) -> sample.LoadedModel:
     return sample.load_model(run)
 
 
@@ -61,7 +61,7 @@ def test_cli_grid_is_square_and_byte_identical(run: Path, tmp_path: Path):
     assert len({cell.tobytes() for cell in cells}) == 16  # 16 different images
 
 
-def test_seed_changes_images_and_ema_is_default(loaded: sample.Loaded, run: Path):
+def test_seed_changes_images_and_ema_is_default(loaded: sample.LoadedModel, run: Path):
     a = sample.sample_images(loaded, cfg(seed=0), 0, 2)
     b = sample.sample_images(loaded, cfg(seed=1), 0, 2)
     raw = sample.sample_images(sample.load_model(run, use_ema=False), cfg(seed=0), 0, 2)
@@ -71,7 +71,7 @@ def test_seed_changes_images_and_ema_is_default(loaded: sample.Loaded, run: Path
     assert loaded.weights == "ema" and loaded.step == TRAIN_STEPS
 
 
-def test_image_depends_on_seed_and_index_not_batch(loaded: sample.Loaded):
+def test_image_depends_on_seed_and_index_not_batch(loaded: sample.LoadedModel):
     # Deterministic DDIM: image 5 is the same whether made in a batch of 4 (starting at 4) or alone.
     together = sample.sample_images(loaded, cfg(), 4, 2)
     alone = sample.sample_images(loaded, cfg(), 5, 1)
@@ -79,7 +79,7 @@ def test_image_depends_on_seed_and_index_not_batch(loaded: sample.Loaded):
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddpm", 0.0)])
-def test_outdir_resume_gives_the_uninterrupted_images(loaded: sample.Loaded, tmp_path: Path, sampler: str,
+def test_outdir_resume_gives_the_uninterrupted_images(loaded: sample.LoadedModel, tmp_path: Path, sampler: str,
                                                       eta: float):
     c = cfg(sampler=sampler, eta=eta)
     full, part = tmp_path / "full", tmp_path / "part"
@@ -99,7 +99,7 @@ def test_outdir_resume_gives_the_uninterrupted_images(loaded: sample.Loaded, tmp
     assert sorted(p.name for p in part.glob("*.png"))[-1] == "000007.png"
 
 
-def test_grid_shows_the_outdir_images(loaded: sample.Loaded, tmp_path: Path):
+def test_grid_shows_the_outdir_images(loaded: sample.LoadedModel, tmp_path: Path):
     c = cfg(n=4)
     sample.write_outdir(loaded, c, tmp_path / "dir")
     sample.save_grid(sample.sample_n(loaded, c), tmp_path / "g.png", nrow=sample.grid_columns(4))
@@ -108,7 +108,7 @@ def test_grid_shows_the_outdir_images(loaded: sample.Loaded, tmp_path: Path):
     np.testing.assert_array_equal(grid[2:34, 36:68], pixels(tmp_path / "dir" / "000001.png"))
 
 
-def test_outdir_refuses_other_settings(loaded: sample.Loaded, tmp_path: Path):
+def test_outdir_refuses_other_settings(loaded: sample.LoadedModel, tmp_path: Path):
     sample.write_outdir(loaded, cfg(n=2), tmp_path)
     with pytest.raises(SampleError, match="steps: 3 there, 4 now"):
         sample.write_outdir(loaded, cfg(n=2, steps=4), tmp_path)
@@ -119,7 +119,7 @@ def test_outdir_refuses_other_settings(loaded: sample.Loaded, tmp_path: Path):
         sample.write_outdir(loaded, cfg(n=2), foreign)
 
 
-def test_export_safetensors_round_trip(run: Path, loaded: sample.Loaded, tmp_path: Path):
+def test_export_safetensors_round_trip(run: Path, loaded: sample.LoadedModel, tmp_path: Path):
     from safetensors import safe_open
 
     path = tmp_path / "model.safetensors"
