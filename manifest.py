@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
 from config import UserError
 
 MANIFEST = "manifest.json"
