@@ -72,6 +72,7 @@ IDX_VERSION = "v1.2"  # DALI tools/wds2idx.py: "v1.2 <samples>", then per sample
 PARTIAL = "manifest.partial.json"  # the record of an unfinished run (the shards done so far), removed at the end
 OWN_FILE = re.compile(rf"^(?:(?:train|valid|test)-\d{{6}}\.(?:tar|idx)|{re.escape(MANIFEST)}|{re.escape(PARTIAL)})"
                       r"(?:\.tmp)?$")
+REASON_CHARS = 160  # the longest error text in a "skipped" entry's reason
 # Arguments that change the bytes written; a rerun with others equal may reuse shards.
 CONTENT_ARGS = ("size", "crop", "format", "quality", "samples_per_shard", "split", "seed")
 
@@ -133,7 +134,7 @@ def _first_file(folders: list[Path], names: tuple[str, ...]) -> Path | None:
 def _walk(root: Path, exclude: set[Path]) -> list[tuple[str, str, int]]:
     """Every regular file under root (hidden files and folders ignored), as (relative name, path, size), sorted.
 
-    os.scandir, because CelebA's one folder of 202,599 files makes per-file Path work add up to seconds.
+    os.scandir, because CelebA keeps 202,599 files in one folder: a Path and a stat call per file would dominate.
     """
     found: list[tuple[str, str, int]] = []
     skip = {str(p) for p in exclude if p is not None}
@@ -389,7 +390,7 @@ def _process(task: tuple[str, str, bytes | None]) -> tuple[bytes | None, list | 
             with open(ref, "rb") as f:
                 data = f.read()
     except Exception as e:  # noqa: BLE001 - any read failure is a skip with its reason
-        return None, f"unreadable: {_one_line(e)}"
+        return None, _skip_reason("unreadable", e)
     if not data:
         return None, "empty file (0 bytes)"
     try:
@@ -397,17 +398,18 @@ def _process(task: tuple[str, str, bytes | None]) -> tuple[bytes | None, list | 
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
         if isinstance(e, Image.UnidentifiedImageError):
             return None, "not an image: cannot identify image file"
-        return None, f"cannot decode: {_one_line(e)}"
+        return None, _skip_reason("cannot decode", e)
     fmt = _WORKER["settings"][2]
     # Members in sorted extension order, as `tar` of a folder would list them.
     return pack_sample(key, [(fmt, image)] if attr is None else [("attr", attr), (fmt, image)])
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if len(text) > 160:
-        text = text[:157] + "..."
-    return f"{type(e).__name__}: {text}" if not isinstance(e, OSError) else text
+def _skip_reason(what: str, e: BaseException) -> str:
+    """A "skipped" entry's reason: what failed, then the error as one line, clipped to REASON_CHARS characters."""
+    text = config.one_line(e)
+    if len(text) > REASON_CHARS:
+        text = text[:REASON_CHARS - 3] + "..."
+    return f"{what}: {text}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -519,9 +521,9 @@ def make_plan(source: Source, cfg: PrepareConfig) -> Plan:
 # Writing: deterministic tars, their DALI index, atomic renames.
 # --------------------------------------------------------------------------------------------------------------------
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path atomically under the temp name "NAME.tmp" that OWN_FILE recognises after a kill."""
-    atomic_write(path, data, tmp=path.with_name(path.name + ".tmp"))
+def _tmp(path: Path) -> Path:
+    """The temporary name of a file being written, "NAME.tmp": OWN_FILE recognises it, and a rerun clears it."""
+    return path.with_name(path.name + ".tmp")
 
 
 class ShardWriter:
@@ -535,7 +537,7 @@ class ShardWriter:
 
     def __init__(self, out: Path, name: str):
         self.out, self.name = out, name
-        self.tmp = out / f"{name}.tar.tmp"
+        self.tmp = _tmp(out / f"{name}.tar")
         self.file = open(self.tmp, "wb")
         self.sha, self.pos = hashlib.sha256(), 0
         self.lines: list[str] = []
@@ -560,7 +562,7 @@ class ShardWriter:
         tar_path, idx_path = self.out / f"{self.name}.tar", self.out / f"{self.name}.idx"
         os.replace(self.tmp, tar_path)
         idx = (f"{IDX_VERSION} {len(self.lines)}\n" + "".join(line + "\n" for line in self.lines)).encode()
-        write_atomic(idx_path, idx)
+        atomic_write(idx_path, idx, tmp=_tmp(idx_path))
         return {"tar": tar_path.name, "idx": idx_path.name, "count": len(self.lines), "bytes": self.pos,
                 "sha256": self.sha.hexdigest(), "idx_sha256": hashlib.sha256(idx).hexdigest()}
 
@@ -728,7 +730,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     todo = [sp for shards in plan.shards.values() for sp in shards if sp.name not in done]
     journal = {"version": MANIFEST_VERSION, "identity": identity, "shards": done}
     if todo:  # the record that lets an interrupted run resume; a complete rerun writes nothing at all
-        write_atomic(out / PARTIAL, json.dumps(journal, indent=1).encode())
+        atomic_write(out / PARTIAL, json.dumps(journal, indent=1).encode(), tmp=_tmp(out / PARTIAL))
     total = sum(len(sp.samples) for sp in todo)
     if done:
         console.print(f"keeping {len(done)} complete shard(s) from an earlier run; {len(todo)} to write")
@@ -776,7 +778,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                         writer.abort()
                     raise
                 done[sp.name] = dict(entry, skipped=skipped)
-                write_atomic(out / PARTIAL, json.dumps(journal, indent=1).encode())
+                atomic_write(out / PARTIAL, json.dumps(journal, indent=1).encode(), tmp=_tmp(out / PARTIAL))
                 split_seconds[sp.split] += time.perf_counter() - t0
                 split_processed[sp.split] += len(sp.samples)
     finally:
@@ -814,7 +816,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     }
     data = (json.dumps(manifest, indent=1) + "\n").encode()
     if not (out / MANIFEST).exists() or (out / MANIFEST).read_bytes() != data:
-        write_atomic(out / MANIFEST, data)
+        atomic_write(out / MANIFEST, data, tmp=_tmp(out / MANIFEST))
     if (out / PARTIAL).exists():
         (out / PARTIAL).unlink()
         fsync_dir(out)
@@ -849,11 +851,9 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
+    with config.user_errors():
         cfg, _ = config.parse(PrepareConfig, argv)
         return prepare(cfg)
-    except (ConfigError, PrepareError, TooManyBadInputs) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
