@@ -46,7 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 from PIL import Image
@@ -694,12 +694,46 @@ def prepare(cfg: PrepareConfig) -> dict:
     console.print(f"[bold]prepare_shards[/] {dataclasses.asdict(cfg)}")
 
     # Read the source and plan every shard before touching OUT.
+    src, out = resolve_paths(cfg)
+    source, plan = read_and_plan(src, cfg)
+    identity = {"args": {k: getattr(cfg, k) for k in CONTENT_ARGS},
+                "source": {"layout": source.layout, "fingerprint": plan.fingerprint}}
+    prev = previous_entries(out, identity, plan, cfg.overwrite)
+
+    # Keep the shards an earlier run of this job finished; the others are to be written.
+    done, todo = keep_finished_shards(out, plan, identity, prev)
+
+    # Write those, recording each finished one in manifest.partial.json so that a killed run resumes.
+    split_seconds, split_processed = write_shards(out, todo, done, identity, source, cfg)
+
+    # The manifest, last; our shard files that it does not list (an earlier, different job) go.
+    manifest = build_manifest(cfg, source, plan, done, identity)
+    write_manifest(out, manifest)
+
+    # The summary, then the verdict on the bad inputs (listed in the manifest, which is written either way).
+    print_summary(out, manifest, split_seconds, split_processed, time.perf_counter() - start)
+    skipped = manifest["skipped"]
+    bad = len(skipped) / max(plan.inputs, 1)
+    if bad > cfg.max_bad_fraction:
+        raise TooManyBadInputs(f"{out / MANIFEST}: {len(skipped)} of {plan.inputs} inputs ({bad:.1%}) were bad, more "
+                               f"than --max-bad-fraction {cfg.max_bad_fraction}; they are listed under \"skipped\"",
+                               manifest)
+    return manifest
+
+
+def resolve_paths(cfg: PrepareConfig) -> tuple[Path, Path]:
+    """SRC and OUT, absolute and resolved; PrepareError when SRC is missing or OUT lies inside it."""
     src, out = Path(cfg.src).expanduser().absolute(), Path(cfg.out).expanduser().absolute()
     if not src.exists():
         raise PrepareError(f"{src}: no such file or folder (--src)")
     src, out = src.resolve(), out.resolve()
     if src.is_dir() and (out == src or src in out.parents):
         raise PrepareError(f"{out}: is inside the source {src}; choose an --out outside it")
+    return src, out
+
+
+def read_and_plan(src: Path, cfg: PrepareConfig) -> tuple[Source, Plan]:
+    """Detect SRC's layout, read its metadata and plan every shard, printing what was found; nothing is written."""
     gc.disable()  # planning makes millions of small objects and no cycles: collections would only cost
     try:
         source = find_source(src)
@@ -710,11 +744,13 @@ def prepare(cfg: PrepareConfig) -> dict:
                   f"{len(source.files)} files; attributes from "
                   f"{source.attr_file.name if source.attr_file else 'none'}; splits from "
                   f"{source.partition_file.name if source.partition_file else 'none (all train)'}")
-    identity = {"args": {k: getattr(cfg, k) for k in CONTENT_ARGS},
-                "source": {"layout": source.layout, "fingerprint": plan.fingerprint}}
-    prev = previous_entries(out, identity, plan, cfg.overwrite)
+    return source, plan
 
-    # Keep the shards an earlier run of this job finished; clear temp files it left.
+
+def keep_finished_shards(out: Path, plan: Plan, identity: dict,
+                         prev: dict[str, dict]) -> tuple[dict[str, dict], list[ShardPlan]]:
+    """Create OUT and clear the temporary files a killed run left there; then split the plan's shards into those an
+    earlier run of this job finished ({name: entry}, each checked against its entry in `prev`) and those to write."""
     out.mkdir(parents=True, exist_ok=True)
     for p in out.iterdir():
         if OWN_FILE.match(p.name) and p.name.endswith(".tmp"):
@@ -728,15 +764,27 @@ def prepare(cfg: PrepareConfig) -> dict:
             if sp.name in prev and _verified(out, prev[sp.name]):
                 done[sp.name] = prev[sp.name]
     todo = [sp for shards in plan.shards.values() for sp in shards if sp.name not in done]
-    journal = {"version": MANIFEST_VERSION, "identity": identity, "shards": done}
-    if todo:  # the record that lets an interrupted run resume; a complete rerun writes nothing at all
-        atomic_write(out / PARTIAL, json.dumps(journal, indent=1).encode(), tmp=_tmp(out / PARTIAL))
-    total = sum(len(sp.samples) for sp in todo)
     if done:
         console.print(f"keeping {len(done)} complete shard(s) from an earlier run; {len(todo)} to write")
+    return done, todo
 
-    # Decode, encode and pack in worker processes (ordered imap: the output does not depend on timing); this one
-    # only appends to the tar, hashes and keeps the index.
+
+def _write_journal(out: Path, journal: dict) -> None:
+    """manifest.partial.json: the arguments' identity and the shards finished so far (what a rerun resumes from)."""
+    atomic_write(out / PARTIAL, json.dumps(journal, indent=1).encode(), tmp=_tmp(out / PARTIAL))
+
+
+def write_shards(out: Path, todo: list[ShardPlan], done: dict[str, dict], identity: dict, source: Source,
+                 cfg: PrepareConfig) -> tuple[dict[str, float], dict[str, int]]:
+    """Write the shards in `todo`, adding each one's entry to `done` and recording `done` in the journal after each.
+
+    Worker processes decode, encode and pack (ordered imap: the output does not depend on timing); this one only
+    appends to the tar, hashes and keeps the index. Returns the seconds spent and the sources processed, per split.
+    """
+    journal = {"version": MANIFEST_VERSION, "identity": identity, "shards": done}
+    if todo:  # the record that lets an interrupted run resume; a complete rerun writes nothing at all
+        _write_journal(out, journal)
+    total = sum(len(sp.samples) for sp in todo)
     workers = min(cfg.workers or _cpu_count(), max(total, 1))
     settings = (cfg.size, cfg.crop, cfg.format, cfg.quality)
     zip_arg = str(source.zip_path) if source.zip_path else None
@@ -748,8 +796,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     else:
         _init_worker(settings, zip_arg)
         results = map(_process, tasks)
-    split_seconds = {s: 0.0 for s in plan.shards}
-    split_processed = {s: 0 for s in plan.shards}
+    split_seconds: dict[str, float] = {}
+    split_processed: dict[str, int] = {}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                TextColumn("eta"), TimeRemainingColumn())
     try:
@@ -757,38 +805,49 @@ def prepare(cfg: PrepareConfig) -> dict:
             task = progress.add_task("sharding", total=total)
             for sp in todo:
                 t0 = time.perf_counter()
-                writer = ShardWriter(out, sp.name) if sp.samples else None
-                skipped = []
-                try:
-                    for i, sample in enumerate(sp.samples, start=1):
-                        blob, fields = next(results)
-                        if blob is None:
-                            skipped.append({"file": sample.file, "reason": fields, "split": sp.split})
-                        else:
-                            writer.add(blob, fields)
-                        if i % 64 == 0 or i == len(sp.samples):  # the bar's bookkeeping costs: advance in steps
-                            progress.advance(task, (i - 1) % 64 + 1)
-                    if len(skipped) == len(sp.samples):  # nothing decoded: no file (DALI rejects empty tars)
-                        writer.abort()
-                        entry = {"tar": None, "idx": None, "count": 0, "bytes": 0}
-                    else:
-                        entry = writer.finish()
-                except BaseException:
-                    if writer is not None:
-                        writer.abort()
-                    raise
-                done[sp.name] = dict(entry, skipped=skipped)
-                atomic_write(out / PARTIAL, json.dumps(journal, indent=1).encode(), tmp=_tmp(out / PARTIAL))
-                split_seconds[sp.split] += time.perf_counter() - t0
-                split_processed[sp.split] += len(sp.samples)
+                done[sp.name] = write_shard(out, sp, results, lambda n: progress.advance(task, n))
+                _write_journal(out, journal)
+                split_seconds[sp.split] = split_seconds.get(sp.split, 0.0) + time.perf_counter() - t0
+                split_processed[sp.split] = split_processed.get(sp.split, 0) + len(sp.samples)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         else:
             _close_worker()
+    return split_seconds, split_processed
 
-    # The manifest, last; our shard files that it does not list (an earlier, different job) go.
+
+def write_shard(out: Path, sp: ShardPlan, results: Iterator, advance: Callable[[int], None]) -> dict:
+    """Write one shard from the next len(sp.samples) worker results; return its entry, with the sources skipped.
+
+    A shard none of whose sources decoded gets no file (DALI rejects an empty tar), only an entry of count 0.
+    """
+    writer = ShardWriter(out, sp.name) if sp.samples else None
+    skipped = []
+    try:
+        for i, sample in enumerate(sp.samples, start=1):
+            blob, fields = next(results)
+            if blob is None:
+                skipped.append({"file": sample.file, "reason": fields, "split": sp.split})
+            else:
+                writer.add(blob, fields)
+            if i % 64 == 0 or i == len(sp.samples):  # the bar's bookkeeping costs: advance in steps
+                advance((i - 1) % 64 + 1)
+        if len(skipped) == len(sp.samples):
+            writer.abort()
+            entry = {"tar": None, "idx": None, "count": 0, "bytes": 0}
+        else:
+            entry = writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return dict(entry, skipped=skipped)
+
+
+def build_manifest(cfg: PrepareConfig, source: Source, plan: Plan, done: dict[str, dict], identity: dict) -> dict:
+    """The manifest of the finished job: every split's non-empty shard entries, and every input skipped, sorted."""
     splits: dict[str, dict] = {}
     skipped = list(plan.skipped)
     for split, shards in plan.shards.items():
@@ -796,12 +855,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         skipped += [s for e in entries for s in e["skipped"]]
         kept = [{k: v for k, v in e.items() if k != "skipped"} for e in entries if e["count"] > 0]
         splits[split] = {"count": sum(e["count"] for e in kept), "shards": kept}
-    listed = {e[k] for v in splits.values() for e in v["shards"] for k in ("tar", "idx")}
-    for p in out.iterdir():
-        if OWN_FILE.match(p.name) and p.suffix in (".tar", ".idx") and p.name not in listed:
-            p.unlink()
     skipped.sort(key=lambda s: (s["file"], s["reason"]))
-    manifest = {
+    return {
         "version": MANIFEST_VERSION,
         "size": cfg.size,
         "crop": cfg.crop,
@@ -814,6 +869,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         "identity": identity,
         "args": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
     }
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Remove our shard files the manifest does not list, write it (unless OUT already holds these very bytes), and
+    remove the journal: the folder is then finished."""
+    listed = {e[k] for v in manifest["splits"].values() for e in v["shards"] for k in ("tar", "idx")}
+    for p in out.iterdir():
+        if OWN_FILE.match(p.name) and p.suffix in (".tar", ".idx") and p.name not in listed:
+            p.unlink()
     data = (json.dumps(manifest, indent=1) + "\n").encode()
     if not (out / MANIFEST).exists() or (out / MANIFEST).read_bytes() != data:
         atomic_write(out / MANIFEST, data, tmp=_tmp(out / MANIFEST))
@@ -821,13 +885,16 @@ def prepare(cfg: PrepareConfig) -> dict:
         (out / PARTIAL).unlink()
         fsync_dir(out)
 
-    # The summary.
-    seconds = time.perf_counter() - start
+
+def print_summary(out: Path, manifest: dict, split_seconds: dict[str, float], split_processed: dict[str, int],
+                  seconds: float) -> None:
+    """A table of samples, skipped inputs, shards, bytes and speed per split, then the first 20 inputs skipped."""
+    splits, skipped = manifest["splits"], manifest["skipped"]
     table = Table(title=f"prepare_shards -> {out}")
     for col in ("split", "samples", "skipped", "shards", "bytes", "seconds", "images/s"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for split, v in splits.items():
-        sec, n = split_seconds[split], split_processed[split]
+        sec, n = split_seconds.get(split, 0.0), split_processed.get(split, 0)
         table.add_row(split, f"{v['count']:,}", f"{sum(1 for s in skipped if s['split'] == split):,}",
                       str(len(v["shards"])), f"{sum(e['bytes'] for e in v['shards']):,}", f"{sec:.1f}",
                       f"{n / sec:,.0f}" if sec > 0 else "-")
@@ -841,13 +908,6 @@ def prepare(cfg: PrepareConfig) -> dict:
         console.print(f"  skipped {s['file']}: {s['reason']}")
     if len(skipped) > 20:
         console.print(f"  ... and {len(skipped) - 20} more (see {out / MANIFEST})")
-
-    bad = len(skipped) / max(plan.inputs, 1)
-    if bad > cfg.max_bad_fraction:
-        raise TooManyBadInputs(f"{out / MANIFEST}: {len(skipped)} of {plan.inputs} inputs ({bad:.1%}) were bad, more "
-                               f"than --max-bad-fraction {cfg.max_bad_fraction}; they are listed under \"skipped\"",
-                               manifest)
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> dict:
