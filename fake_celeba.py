@@ -15,24 +15,27 @@ Layouts, exactly as CelebA is distributed:
 
 Deterministic: image i is drawn from numpy.random.default_rng([seed, i]) alone, so the same seed gives byte-identical
 files for any count. The metadata files are written last (atomically), so a half-written folder never looks complete.
-Only PIL, numpy and the standard library are used.
+Torch-free: PIL, numpy, the standard library and the project's config.py and atomic.py.
 """
 
 from __future__ import annotations
 
-import argparse
+import errno
 import functools
 import io
-import os
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import BinaryIO, ClassVar, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+import config
+from atomic import atomic_write
+from config import UserError
 
 # CelebA's 40 attribute names, in the column order of list_attr_celeba.txt.
 ATTRIBUTES = (
@@ -54,11 +57,19 @@ SUPERSAMPLE = 2  # draw at 2x and box-downsample: cheap antialiasing for ImageDr
 
 @dataclass
 class FakeCelebaConfig:
-    out: str = "data/fake_celeba"  # folder to write the dataset into (created if missing)
-    count: int = 3000  # number of images (any count >= 1); CelebA itself has 202,599
+    out: str = ""  # folder to write the dataset into (created if missing)
+    count: int = 3000  # number of images; CelebA itself has 202,599
     seed: int = 0  # image i is drawn from default_rng([seed, i]): same seed, byte-identical files
     layout: str = "official"  # official | kaggle | zip, as CelebA is distributed
     quality: int = 90  # JPEG quality of the written images
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("out",)
+    CHOICES: ClassVar[dict[str, tuple]] = {"layout": LAYOUTS}
+    BOUNDS: ClassVar[dict[str, str]] = {"count": ">= 1", "seed": ">= 0", "quality": "1..100"}
+
+
+class FakeCelebaError(UserError, ValueError):
+    """An argument make_fake_celeba cannot use (count, layout, quality, seed); the message names it."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -518,15 +529,9 @@ def split_counts(count: int) -> tuple[int, int, int]:
     return train, valid, count - train - valid
 
 
-def _write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    # atomic.atomic_write's steps, kept here so that fake_celeba.py stays one file needing only PIL and numpy.
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp(path: Path) -> Path:
+    """The temporary name of a file being written, ".NAME.tmp": hidden, so no reader lists it; a rerun reuses it."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _attr_txt(names: list[str], rows: list[dict[str, bool]]) -> str:
@@ -554,12 +559,11 @@ class _Progress:
         self.bar = None
         if show and total >= 1000:
             try:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                           TimeRemainingColumn)
+                from rich import progress as rp
             except ImportError:
                 return
-            self.bar = Progress(TextColumn("fake_celeba"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                                TimeRemainingColumn())
+            self.bar = rp.Progress(rp.TextColumn("fake_celeba"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                                   rp.TaskProgressColumn(), rp.TimeRemainingColumn())
             self.bar.start()
             self.task = self.bar.add_task("draw", total=total)
 
@@ -581,13 +585,15 @@ def make_fake_celeba(out: Path | str, count: int, seed: int = 0, layout: str = "
     """
     out = Path(out)
     if layout not in LAYOUTS:
-        raise ValueError(f"fake_celeba: unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+        raise FakeCelebaError(f"fake_celeba: unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"fake_celeba: count must be an integer >= 1, got {count!r}")
+        raise FakeCelebaError(f"fake_celeba: count must be an integer >= 1, got {count!r}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"fake_celeba: JPEG quality must be in 1..100, got {quality}")
+        raise FakeCelebaError(f"fake_celeba: JPEG quality must be in 1..100, got {quality}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise FakeCelebaError(f"fake_celeba: seed must be an integer >= 0, got {seed!r}")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"fake_celeba: {out}: exists and is not a folder")
+        raise FileExistsError(errno.EEXIST, "exists and is not a folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
 
     if layout == "kaggle":
@@ -607,7 +613,7 @@ def make_fake_celeba(out: Path | str, count: int, seed: int = 0, layout: str = "
             img_dir.mkdir(parents=True, exist_ok=True)
             for i, name in enumerate(names, start=1):
                 attrs, data = render_image(seed, i, quality)
-                _write_atomic(img_dir / name, data, fsync=False)
+                atomic_write(img_dir / name, data, tmp=_tmp(img_dir / name), durable=False)
                 rows.append(attrs)
                 bar.advance()
             for stale in img_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].jpg"):  # left over from a larger earlier run
@@ -616,18 +622,19 @@ def make_fake_celeba(out: Path | str, count: int, seed: int = 0, layout: str = "
         else:
             zip_path = out / "img_align_celeba.zip"
             zip_path.unlink(missing_ok=True)
-            tmp = out / ".img_align_celeba.zip.tmp"
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-                zf.writestr(zipfile.ZipInfo("img_align_celeba/", date_time=(2015, 1, 1, 0, 0, 0)), b"")
-                for i, name in enumerate(names, start=1):
-                    attrs, data = render_image(seed, i, quality)
-                    # A fixed timestamp keeps the zip byte-identical from run to run.
-                    zf.writestr(zipfile.ZipInfo(f"img_align_celeba/{name}", date_time=(2015, 1, 1, 0, 0, 0)), data)
-                    rows.append(attrs)
-                    bar.advance()
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, zip_path)
+
+            def write_zip(f: BinaryIO) -> None:
+                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+                    zf.writestr(zipfile.ZipInfo("img_align_celeba/", date_time=(2015, 1, 1, 0, 0, 0)), b"")
+                    for i, name in enumerate(names, start=1):
+                        attrs, data = render_image(seed, i, quality)
+                        # A fixed timestamp keeps the zip byte-identical from run to run.
+                        zf.writestr(zipfile.ZipInfo(f"img_align_celeba/{name}", date_time=(2015, 1, 1, 0, 0, 0)),
+                                    data)
+                        rows.append(attrs)
+                        bar.advance()
+
+            atomic_write(zip_path, write_zip, tmp=_tmp(zip_path))
     finally:
         bar.close()
 
@@ -640,26 +647,17 @@ def make_fake_celeba(out: Path | str, count: int, seed: int = 0, layout: str = "
             text = "image_id,partition\n" + "".join(f"{n},{p}\n" for n, p in zip(names, parts))
         else:
             text = "".join(f"{n} {p}\n" for n, p in zip(names, parts))
-        _write_atomic(out / name, text.encode())
+        atomic_write(out / name, text.encode(), tmp=_tmp(out / name))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = FakeCelebaConfig()
-    for f in fields(FakeCelebaConfig):
-        kwargs = {"choices": LAYOUTS} if f.name == "layout" else {}
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                            default=getattr(defaults, f.name), required=f.name == "out", **kwargs)
-    cfg = FakeCelebaConfig(**vars(parser.parse_args(argv)))
-    print(f"fake_celeba: {asdict(cfg)}")
-    start = time.perf_counter()
-    try:
+    with config.user_errors():
+        cfg, _ = config.parse(FakeCelebaConfig, argv)
+        print(f"fake_celeba: {asdict(cfg)}")
+        start = time.perf_counter()
         out = make_fake_celeba(Path(cfg.out), cfg.count, seed=cfg.seed, layout=cfg.layout, quality=cfg.quality,
                                progress=sys.stderr.isatty())
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
     seconds = time.perf_counter() - start
     train, valid, test = split_counts(cfg.count)
     print(f"fake_celeba: wrote {cfg.count} images ({train} train, {valid} valid, {test} test), layout {cfg.layout}, "
