@@ -38,8 +38,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from manifest import MANIFEST, ManifestError, attribute_names, read_manifest, sha256_file
 from config import UserError
+from manifest import MANIFEST, ManifestError, attribute_names, read_manifest, sha256_file
 
 INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
 PREFETCH = 3  # DALI's prefetch_queue_depth: batches prepared ahead
@@ -105,7 +105,8 @@ def verify_checksums(data_dir: Path, shards: list[dict]) -> None:
         digests = list(pool.map(sha256_file, [path for path, _ in todo]))
     for (path, expected), digest in zip(todo, digests):
         if digest != expected:
-            raise DataError(f"{path}: sha256 differs from the manifest (corrupt or rewritten); re-run prepare_shards.py")
+            raise DataError(f"{path}: sha256 differs from the manifest (corrupt or rewritten); "
+                            f"re-run prepare_shards.py")
 
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -583,9 +584,9 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
     state: a state_dict() of a loader with the same arguments: continue where it was taken.
     """
     if backend not in ("dali", "torch"):
-        raise ValueError(f"data: backend must be 'dali' or 'torch', not {backend!r}")
+        raise DataError(f"data: backend must be 'dali' or 'torch', not {backend!r}")
     if batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"data: need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, "
+        raise DataError(f"data: need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, "
                          f"{rank}, {world_size})")
     if state is not None and state.get("backend") != backend:
         raise DataError(f"{Path(data_dir) / MANIFEST}: data state is from backend {state.get('backend')!r}, "

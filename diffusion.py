@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from rich.progress import track
 from torch import nn
 
+from config import ConfigError
+
 Model = Callable[..., torch.Tensor]
 
 SCHEDULES = ("linear", "cosine")
@@ -58,7 +60,7 @@ def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.n
     steps is so large that they would pass T - 1).
     """
     if not 1 <= steps <= timesteps:
-        raise ValueError(f"diffusion: steps must be in 1..{timesteps}, got {steps}")
+        raise ConfigError(f"diffusion: steps must be in 1..{timesteps}, got {steps}")
     if spacing == "uniform":
         ts = np.round(np.arange(steps) * (timesteps / steps))
     elif spacing == "quadratic":
@@ -66,7 +68,7 @@ def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.n
         for i in range(1, len(ts)):
             ts[i] = max(ts[i], ts[i - 1] + 1)
     else:
-        raise ValueError(f"diffusion: unknown spacing {spacing!r} (choose uniform or quadratic)")
+        raise ConfigError(f"diffusion: unknown spacing {spacing!r} (choose uniform or quadratic)")
     return np.unique(np.minimum(ts.astype(np.int64), timesteps - 1))
 
 
@@ -113,13 +115,13 @@ class GaussianDiffusion(nn.Module):
                  min_snr_gamma: float | None = None):
         super().__init__()
         if schedule not in SCHEDULES:
-            raise ValueError(f"diffusion: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
+            raise ConfigError(f"diffusion: unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
         if objective not in OBJECTIVES:
-            raise ValueError(f"diffusion: unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+            raise ConfigError(f"diffusion: unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
         if timesteps < 2:
-            raise ValueError(f"diffusion: timesteps must be >= 2, got {timesteps}")
+            raise ConfigError(f"diffusion: timesteps must be >= 2, got {timesteps}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"diffusion: min_snr_gamma must be > 0, got {min_snr_gamma}")
+            raise ConfigError(f"diffusion: min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.config: dict[str, Any] = dict(timesteps=int(timesteps), schedule=schedule, objective=objective,
                                            min_snr_gamma=None if min_snr_gamma is None else float(min_snr_gamma))
         self.num_timesteps = int(timesteps)
@@ -128,7 +130,7 @@ class GaussianDiffusion(nn.Module):
 
         betas = linear_betas(timesteps) if schedule == "linear" else cosine_betas(timesteps)
         if betas.max() >= 1.0:  # the scaled linear schedule ends at 20 / T
-            raise ValueError(f"diffusion: the {schedule} schedule needs timesteps > 20, got {timesteps}")
+            raise ConfigError(f"diffusion: the {schedule} schedule needs timesteps > 20, got {timesteps}")
         alphas = 1.0 - betas
         alphas_cumprod = np.cumprod(alphas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -288,7 +290,7 @@ class GaussianDiffusion(nn.Module):
         clipped x0), all float32.
         """
         if variance not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"diffusion: unknown variance {variance!r} (choose fixed_small or fixed_large)")
+            raise ConfigError(f"diffusion: unknown variance {variance!r} (choose fixed_small or fixed_large)")
         t = self._timesteps(t, xt)
         t_prev = t - 1 if t_prev is None else self._timesteps(t_prev, xt)
         output = self.model_output(model, xt, t, cond, guidance)
@@ -382,9 +384,9 @@ class GaussianDiffusion(nn.Module):
         the x0 predictions [B, C, H, W] at about 8 evenly spaced steps (the last is the final sample's).
         """
         if sampler not in SAMPLERS:
-            raise ValueError(f"diffusion: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+            raise ConfigError(f"diffusion: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"diffusion: eta must be in [0, 1], got {eta}")
+            raise ConfigError(f"diffusion: eta must be in [0, 1], got {eta}")
         if noise is not None and tuple(noise.shape) != tuple(shape):
             raise ValueError(f"diffusion: noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         if cond is not None and cond.shape[0] != shape[0]:

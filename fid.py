@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
-from dataclasses import dataclass
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +36,12 @@ from scipy import linalg
 
 import inception
 from atomic import atomic_write
+from config import UserError
 from data import DataError, ShardReadError, make_loader
 from grids import to_uint8
-from manifest import MANIFEST, read_manifest
 from inception import FeatureNet
+from manifest import MANIFEST, read_manifest
 from utills import os_errors_as_write_error
-from config import UserError
 
 REF_KID_MAX = 10000  # reference features kept for KID (evaluate.py's default, so both share the cached statistics)
 

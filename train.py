@@ -24,31 +24,51 @@ import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 import config
 from atomic import atomic_write
 from config import ConfigError
-from data import DaliMissingError, DataError, ShardReadError, make_loader
+from data import DataError, ShardReadError, make_loader
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
-from fid import EvalError, TrainingFID
+from fid import TrainingFID
 from grids import save_grid
-from fid import MetricsError
+from runlog import RunLog
 from step import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
-from utills import (CheckpointError, RunLocked, RunPaths, TrainState, WriteError, autocast, capture_rng, find_latest,
-                    list_checkpoints, load_checkpoint, lock_run, make_checkpoint, nan_test_steps, pick_device,
-                    resolve_checkpoint, resolve_precision, restore_checkpoint, restore_rng, run_paths,
-                    save_checkpoint, set_threads, this_rank, trim_metrics, weights_digest, os_errors_as_write_error)
+from utills import (
+    CheckpointError,
+    RunLocked,
+    RunPaths,
+    TrainState,
+    autocast,
+    capture_rng,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    lock_run,
+    make_checkpoint,
+    nan_test_steps,
+    os_errors_as_write_error,
+    pick_device,
+    resolve_checkpoint,
+    resolve_precision,
+    restore_checkpoint,
+    restore_rng,
+    run_paths,
+    save_checkpoint,
+    set_threads,
+    this_rank,
+    trim_metrics,
+    weights_digest,
+)
 
 
 @dataclass
@@ -96,7 +116,7 @@ class TrainConfig:
     eval_steps: int = 50  # DDIM steps of those samples
     eval_ref_max: int = 0  # reference images from the training split for those FIDs (0 = all; cached once)
     # Hardware.
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu (under torchrun, cuda is each process's own GPU)
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     seed: int = 0  # seeds the weights, the noise, the data order and the grids' fixed noise
     compile: bool = False  # torch.compile the model for training (checkpoints hold the plain module)
@@ -105,16 +125,22 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict] = {"loader": ("dali", "torch"), "preset": tuple(PRESETS), "schedule": SCHEDULES,
                                "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
-                               "precision": ("auto", "fp16", "bf16", "fp32"), "device": ("auto", "cuda", "cpu")}
+                               "precision": ("auto", "fp16", "bf16", "fp32")}  # --device: utills.pick_device
     BOUNDS: ClassVar[dict] = {
         "num_workers": ">= -1", "timesteps": ">= 2", "batch_size": ">= 1", "log_every": ">= 1", "sample_steps": ">= 1",
         "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
-        "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1", "p_free": "0..1",
+        "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
+        "p_free": "0..1",
         "ema_decay": "0..1", "steps": ">= 0", "epochs": ">= 0", "base_channels": ">= 0", "dropout": "..1",
         "threads": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "eval_n": ">= 2", "eval_steps": ">= 1",
         "eval_ref_max": ">= 0"}
     REQUIRED: ClassVar[tuple] = ("data",)
     RETIRED: ClassVar[tuple] = ("fault_nan_at_step", "fault_nan_steps")  # test hooks once in config.json
+
+
+class Diverged(config.UserError, FloatingPointError):
+    """The loss stayed NaN/inf, or the weights stopped being finite: the run stops without writing over its last
+    checkpoint (lower --lr, raise --warmup or clip harder, then resume)."""
 
 
 # Fields that define the model and the diffusion: taken from the checkpoint on resume, and a clash is an error.
@@ -196,6 +222,9 @@ def join_ranks(cfg: TrainConfig) -> Ranks:
     """Join the process group when torchrun started several processes; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device {cfg.device}: with {world_size} processes each takes its own GPU; "
+                          f"use --device cuda")
     device = pick_device(cfg.device, local_rank)
     control = None
     if world_size > 1:
@@ -221,7 +250,7 @@ def find_resume(cfg: TrainConfig, run: RunPaths) -> tuple[Path | None, dict | No
     return None, None
 
 
-def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, console: Console):
+def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, log: RunLog):
     """This rank's part of the training data, continuing at `data_state` when it still fits the flags."""
     args = dict(split="train", backend=cfg.loader, device=ranks.device, shuffle=True, flip=True, seed=cfg.seed,
                 rank=ranks.rank, world_size=ranks.world_size, drop_last=True, verify=cfg.verify_data,
@@ -232,7 +261,7 @@ def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, console
         if data_state is None:
             raise
         # A changed --batch-size, --seed or --loader cannot continue the old order: say so and start a new one.
-        console.print(f"[yellow]warning:[/] {e}; the data order restarts")
+        log.say(f"[yellow]warning:[/] {e}; the data order restarts")
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args)
     if len(loader) == 0:
         raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // ranks.world_size}")
@@ -260,13 +289,13 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes
     return UNet(**ckpt["model_config"])
 
 
-def show_config(console: Console, cfg: TrainConfig, title: str, extra: str) -> None:
+def config_table(cfg: TrainConfig, title: str, extra: str) -> Table:
     """The configuration as a table, every field, so that a log shows what ran."""
     table = Table(title=title, show_header=False, box=None)
     for key, value in asdict(cfg).items():
         table.add_row(key, repr(value))
     table.add_row("[dim]device / precision / world", f"[dim]{extra}")
-    console.print(table)
+    return table
 
 
 def set_run_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig,
@@ -327,7 +356,7 @@ class RunningStats:
             dist.all_reduce(sums)
             dist.all_reduce(self.worst_streak, op=dist.ReduceOp.MAX)  # every rank stops together
         if int(self.worst_streak) >= max_nonfinite:
-            raise FloatingPointError(
+            raise Diverged(
                 f"the loss was NaN/inf for {int(self.worst_streak)} consecutive steps (now at step {step}, "
                 f"non-finite since step {step - int(self.streak) + 1}); stopping without a checkpoint "
                 f"(last good one: {last_ckpt or 'none in this process'})")
@@ -340,42 +369,6 @@ class RunningStats:
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every tensor is free of NaN and inf (one read-back)."""
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def format_status(m: dict, total: int) -> str:
-    """The fixed-format log line for one metrics record."""
-    eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"])) if m["eta_s"] < 86400 else f"{m['eta_s'] / 86400:.1f}d"
-    mem = f" | mem {m['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in m else ""
-    loss = "nan" if m["loss"] is None else f"{m['loss']:.4f}"
-    fid = f" | FID {m['fid']:.2f} KID {m['kid']:.4f}" if m.get("fid") is not None else ""
-    return (f"step {m['step']}/{total} ep {m['epoch']} | loss {loss} | lr {m['lr']:.2e} | "
-            f"gnorm {m['grad_norm']:.3f} | scale {m['loss_scale']:g} | {m['images_per_s']:.1f} img/s | "
-            f"data {100 * m['data_wait']:.0f}%{mem} | skipped {m['skipped_steps']}{fid} | eta {eta}")
-
-
-def open_logs(cfg: TrainConfig, run: RunPaths, step: int, total_steps: int, ranks: Ranks, console: Console,
-              cleanup: contextlib.ExitStack) -> tuple:
-    """metrics.jsonl, TensorBoard when asked, and a live progress display on a terminal (plain lines otherwise);
-    `cleanup` closes them. Returns (metrics file, TensorBoard writer, progress, its task); rank 0 alone writes."""
-    writer = None
-    if ranks.is_main and cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = cleanup.enter_context(SummaryWriter(str(run.tensorboard), purge_step=step + 1))
-            # The config as text (indented: TensorBoard's markdown shows it as a code block), once per start.
-            writer.add_text("config", "\n".join("    " + line for line in json.dumps(asdict(cfg), indent=2)
-                                                 .splitlines()), step)
-        except ImportError:
-            console.print("[yellow]warning:[/] --tensorboard needs the tensorboard package (pip install tensorboard)")
-    metrics_file = None
-    if ranks.is_main:
-        with os_errors_as_write_error(run.metrics, run.root):
-            metrics_file = cleanup.enter_context(open(run.metrics, "a"))
-    progress = cleanup.enter_context(Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal))
-    task = progress.add_task("train", total=total_steps, completed=step, status="")
-    return metrics_file, writer, progress, task
 
 
 def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
@@ -392,48 +385,43 @@ def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
     return stop_signal
 
 
-def write_record(record: dict, eval_keys: Collection[str], run: RunPaths, metrics_file, writer, progress, task,
-                 console: Console, total_steps: int) -> None:
-    """One metrics record (rank 0): a metrics.jsonl line, TensorBoard scalars (train/ and eval/), the status line."""
-    with os_errors_as_write_error(run.metrics, run.root):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-    if writer is not None:
-        for key, value in record.items():
-            if key not in ("step", "epoch") and value is not None:
-                writer.add_scalar(f"{'eval' if key in eval_keys else 'train'}/{key}", value, record["step"])
-    if progress.disable:
-        console.print(format_status(record, total_steps))
-    else:
-        progress.update(task, status=format_status(record, total_steps))
+@dataclass
+class Checkpointer:
+    """Writes the run's checkpoints: every rank's random and data states, gathered; rank 0 checks the weights and
+    writes; all wait for it. `last` is the newest checkpoint this process wrote."""
+    run: RunPaths
+    cfg: TrainConfig
+    ranks: Ranks
+    loader: Any
+    diffusion: GaussianDiffusion
+    noise_gen: torch.Generator
+    log: RunLog
+    last: Path | None = None
 
-
-def write_checkpoint(run: RunPaths, state: TrainState, cfg: TrainConfig, ranks: Ranks, loader, diffusion, noise_gen,
-                     console: Console, last: Path | None, best: bool = False) -> Path | None:
-    """Every rank's random and data states, gathered; rank 0 checks the weights and writes; all wait for it.
-
-    Called when no batch has been fetched since this step's, so the loader's state is the position right after it.
-    """
-    rngs = ranks.gather({**capture_rng(), "noise": noise_gen.get_state()})
-    data_states = ranks.gather(loader.state_dict())
-    if ranks.world_size > 1:
-        if len(set(ranks.gather(weights_digest(state.model)))) > 1:
-            raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
-        console.print(f"weights identical on {ranks.world_size} ranks at step {state.step}")
-    if ranks.is_main:
-        path = run.checkpoint(state.step)
-        ckpt = make_checkpoint(state, config=asdict(cfg), diffusion_config=diffusion.config,
-                               image_size=loader.image_size, attributes=list(loader.attributes) if cfg.cond else [],
-                               data_states=data_states, rngs=rngs)
-        if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
-            raise FloatingPointError(f"step {state.step}: the weights are not finite; not writing a checkpoint "
-                                     f"over {last or 'the previous ones'}")
-        with os_errors_as_write_error(path, run.root):
-            last = save_checkpoint(run.root, ckpt, state.step, cfg.keep, best=best)
-        console.print(f"checkpoint: {last}" + (f" (best FID {state.best_fid:.2f}: {run.best_fid})" if best else ""))
-    if ranks.world_size > 1:
-        dist.barrier(group=ranks.control)
-    return last
+    def write(self, state: TrainState, best: bool = False) -> Path | None:
+        """Call when no batch has been fetched since this step's, so the loader's state is the position right after
+        it; `best` also keeps the checkpoint as best-fid.pt."""
+        ranks, run = self.ranks, self.run
+        rngs = ranks.gather({**capture_rng(), "noise": self.noise_gen.get_state()})
+        data_states = ranks.gather(self.loader.state_dict())
+        if ranks.world_size > 1:
+            if len(set(ranks.gather(weights_digest(state.model)))) > 1:
+                raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
+            self.log.say(f"weights identical on {ranks.world_size} ranks at step {state.step}")
+        if ranks.is_main:
+            ckpt = make_checkpoint(state, config=asdict(self.cfg), diffusion_config=self.diffusion.config,
+                                   image_size=self.loader.image_size, data_states=data_states, rngs=rngs,
+                                   attributes=list(self.loader.attributes) if self.cfg.cond else [])
+            if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
+                raise Diverged(f"step {state.step}: the weights are not finite; not writing a checkpoint "
+                               f"over {self.last or 'the previous ones'}")
+            with os_errors_as_write_error(run.checkpoint(state.step), run.root):
+                self.last = save_checkpoint(run.root, ckpt, state.step, self.cfg.keep, best=best)
+            self.log.say(f"checkpoint: {self.last}"
+                         + (f" (best FID {state.best_fid:.2f}: {run.best_fid})" if best else ""))
+        if ranks.world_size > 1:
+            dist.barrier(group=ranks.control)
+        return self.last
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -444,7 +432,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     set_threads(cfg.threads)
     ranks = join_ranks(cfg)
     device, world_size = ranks.device, ranks.world_size
-    console = Console(quiet=not ranks.is_main, highlight=False, soft_wrap=True)
+    log = RunLog(quiet=not ranks.is_main)
     run = run_paths(cfg.out)
 
     # One trainer per run folder: rank 0 holds the folder's lock until the process ends, before anything is written.
@@ -461,17 +449,17 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         ckpt_path, ckpt = find_resume(cfg, run)
         if ckpt is not None:
             cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
-            console.print(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
+            log.say(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
             for change in changes:
-                console.print(f"  changed since the checkpoint: {change}")
+                log.say(f"  changed since the checkpoint: {change}")
         precision = resolve_precision(cfg.precision, device)
-        show_config(console, cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}")
+        log.say(config_table(cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}"))
 
         # Open this rank's part of the training data (continuing at the checkpoint's position), then build the model.
         data_state = this_rank(ckpt["data_state"], ranks.rank, world_size) if ckpt is not None else None
         if ckpt is not None and data_state is None:
-            console.print("[yellow]warning:[/] the number of ranks changed: the data order and random streams restart")
-        loader = open_loader(cfg, ranks, data_state, console)
+            log.say("[yellow]warning:[/] the number of ranks changed: the data order and random streams restart")
+        loader = open_loader(cfg, ranks, data_state, log)
         watch = ShardWatch(loader)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
         model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
@@ -482,9 +470,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         # Three-state models learn free attributes; a two-state checkpoint (older versions) trains on as it was.
         p_free = cfg.p_free if model.cond_free else 0.0
         if cfg.cond and not model.cond_free:
-            console.print("[yellow]this checkpoint's model has two-state attributes (trained before attributes could "
+            log.say("[yellow]this checkpoint's model has two-state attributes (trained before attributes could "
                           "be left free): --p-free is ignored, unnamed attributes stay 0 when sampling")
-        console.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        log.say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
         if ranks.is_main:  # only now that the data and the checkpoint have been accepted
             with os_errors_as_write_error(run.config, run.root):
@@ -536,15 +524,17 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         # Logs, signal handlers, the lock and the process group are undone by `cleanup` however the run ends.
         if world_size > 1:
             cleanup.callback(dist.destroy_process_group)
-        metrics_file, writer, progress, task = open_logs(cfg, run, state.step, total_steps, ranks, console, cleanup)
+        log.open(run, step=state.step, total=total_steps, tensorboard=cfg.tensorboard, config=asdict(cfg),
+                 cleanup=cleanup)
+        ckpts = Checkpointer(run, cfg, ranks, loader, diffusion, noise_gen, log)
         stop_signal = catch_stop_signals(cleanup)
         stats = RunningStats(device)
         nan_fault = nan_test_steps()
         last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
-        saved_step, ckpt_written = -1, None
+        saved_step = -1
         batches = iter(loader)
         if state.step >= total_steps:
-            console.print(f"already at step {state.step} of {total_steps}; nothing to train")
+            log.say(f"already at step {state.step} of {total_steps}; nothing to train")
 
         while state.step < total_steps:
             # Fetch the next batch; an exhausted loader starts the next epoch.
@@ -572,7 +562,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             state.step += 1
             state.images_seen += cfg.batch_size
             stats.add(loss)
-            progress.update(task, completed=state.step)
+            log.advance(state.step)
             stopping = ranks.any(bool(stop_signal))
             step = state.step
             checkpoint_now = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == total_steps or stopping
@@ -587,7 +577,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
             # Log: read the device values back, average the loss over ranks, one line and one JSON record.
             if step % cfg.log_every == 0 or checkpoint_now or scores:
-                mean_loss = stats.read(ranks, cfg.max_nonfinite, step, ckpt_written)
+                mean_loss = stats.read(ranks, cfg.max_nonfinite, step, ckpts.last)
                 now = time.perf_counter()
                 adam_state = optimizer.state.get(next(iter(model.parameters())), {})
                 record = {
@@ -601,8 +591,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 if device.type == "cuda":
                     record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 if ranks.is_main:  # the scores join the record of their step (one record per step)
-                    write_record({**record, **scores}, scores, run, metrics_file, writer, progress, task, console,
-                                 total_steps)
+                    log.record({**record, **scores}, eval_keys=scores)
                 last_log_time, last_log_images, data_wait = now, state.images_seen, 0.0
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
@@ -612,32 +601,27 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
                 with os_errors_as_write_error(run.sample_grid(step), run.root):
                     grid_path = save_grid(grid, run.sample_grid(step), nrow=8)
-                if writer is not None:
-                    writer.add_images("samples", (grid.clamp(-1, 1) + 1) / 2, step)
-                console.print(f"samples: {grid_path}")
+                log.images("samples", grid, step)
+                log.say(f"samples: {grid_path}")
 
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.
             if checkpoint_now and saved_step != step:
                 watch.check()
-                ckpt_written = write_checkpoint(run, state, cfg, ranks, loader, diffusion, noise_gen, console,
-                                                ckpt_written, best)
+                ckpts.write(state, best)
                 saved_step = step
             if stopping:
                 name = signal.Signals(stop_signal[0]).name if stop_signal else "a signal on another rank"
-                console.print(f"[yellow]stopped by {name} at step {step}[/]; run the same command to continue")
+                log.say(f"[yellow]stopped by {name} at step {step}[/]; run the same command to continue")
                 break
 
-    if state.step >= total_steps and ckpt_written is not None:
-        console.print(f"[bold green]done[/]: step {state.step}, {state.images_seen} images; "
-                      f"last checkpoint {ckpt_written}")
-    return ckpt_written
+    if state.step >= total_steps and ckpts.last is not None:
+        log.say(f"[bold green]done[/]: step {state.step}, {state.images_seen} images; last checkpoint {ckpts.last}")
+    return ckpts.last
 
 
 if __name__ == "__main__":
     try:
-        main(*config.parse(TrainConfig))
-    except (ConfigError, CheckpointError, DataError, ShardReadError, DaliMissingError, FileNotFoundError,
-            FloatingPointError, RunLocked, WriteError, EvalError, MetricsError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
+        with config.user_errors():
+            main(*config.parse(TrainConfig))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
         raise SystemExit(130) from None

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import ConfigError
+
 # Named architectures. `build_unet(name, **overrides)` builds one; every value here is a UNet keyword.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.1M parameters: CPU tests and the demo, at 32 px (also runs at 16 or 64 px with image_size overridden).
@@ -128,7 +130,7 @@ class Attention(nn.Module):
     def __init__(self, channels: int, num_heads: int, num_groups: int):
         super().__init__()
         if channels % num_heads:
-            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
+            raise ConfigError(f"attention: {channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
         self.norm = GroupNorm32(num_groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -205,10 +207,10 @@ class UNet(nn.Module):
             self.config["cond_free"] = True
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
-            raise ValueError(f"unet: image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
+            raise ConfigError(f"unet: image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
         for m in channel_mult:
             if (base_channels * m) % num_groups:
-                raise ValueError(f"unet: {base_channels * m} channels do not split into {num_groups} groups")
+                raise ConfigError(f"unet: {base_channels * m} channels do not split into {num_groups} groups")
         self.image_size = image_size
         self.cond_dim = cond_dim
         self.cond_free = bool(cond_free) and cond_dim > 0
@@ -321,5 +323,5 @@ class UNet(nn.Module):
 def build_unet(name: str, **overrides: Any) -> UNet:
     """Build the preset `name` from PRESETS with keyword overrides (e.g. cond_dim=40, image_size=32)."""
     if name not in PRESETS:
-        raise ValueError(f"unet: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        raise ConfigError(f"unet: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return UNet(**{**PRESETS[name], **overrides})

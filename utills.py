@@ -15,22 +15,20 @@ code, and "valid" means: it loads, has the keys every reader needs, and the weig
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import random
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import contextlib
-import hashlib
-import importlib.metadata
-import platform
-from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch

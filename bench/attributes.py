@@ -45,7 +45,8 @@ class AttributesConfig:
     out: str = "/tmp/attributes-proof"  # working folder: fake CelebA, shards, judge, run, samples
     count: int = 6000  # fake CelebA images (80% train, 10% valid, 10% test, as CelebA's partition)
     size: int = 32  # image size of the shards
-    attrs: str = "Eyeglasses,Wearing_Hat,Smiling,Blond_Hair,Black_Hair,Gray_Hair,Male,Pale_Skin"  # requested =1 / =0 / free
+    # The attributes requested =1 / =0 / free.
+    attrs: str = "Eyeglasses,Wearing_Hat,Smiling,Blond_Hair,Black_Hair,Gray_Hair,Male,Pale_Skin"
     steps: int = 2000  # training steps of the conditional model (~40 min at ~55 images/s on a 2-core CPU)
     batch_size: int = 64  # training batch
     lr: float = 1e-3  # peak learning rate (the tiny preset learns fast at 1e-3; 2e-4 is for the big ones)
@@ -147,7 +148,8 @@ def markdown(rep: dict, report: dict) -> str:
               "|" + " --- |" * (len(ts) + 1)]
     for a, by_t in sens.items():
         lines.append(f"| {a} | " + " | ".join(f"{v['wrong'] / v['right']:.3f}" for v in by_t.values()) + " |")
-    lines += ["", f"{rep['n']} samples per cell (DDIM-{report['config']['sample_steps']}, EMA weights), read by the judge; "
+    steps = report["config"]["sample_steps"]
+    lines += ["", f"{rep['n']} samples per cell (DDIM-{steps}, EMA weights), read by the judge; "
               f"{report['config']['steps']} steps of batch {report['config']['batch_size']} on {m['cpu']} "
               f"({m['cores']} cores), training {report['seconds']['train'] / 60:.1f} min, everything "
               f"{report['seconds']['total'] / 60:.1f} min; commit {report['commit']}; attribute mix of free samples: "

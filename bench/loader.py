@@ -44,9 +44,9 @@ from rich.progress import Progress, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import config  # noqa: E402
+import data  # noqa: E402
 from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
-import data  # noqa: E402
 from manifest import read_manifest  # noqa: E402
 
 console = Console()

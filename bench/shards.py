@@ -30,9 +30,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import config  # noqa: E402
-from bench import common  # noqa: E402
 import prepare_shards  # noqa: E402
 from atomic import atomic_write  # noqa: E402
+from bench import common  # noqa: E402
 
 console = Console()
 
