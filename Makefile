@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-lock
 DEMO := demo
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test lint bench clean-demo
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements.lock requirements-nodeps.txt
 
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15
+
+# The style, pinned in pyproject.toml ([tool.ruff]): line length, import order, pyflakes. CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(PY) demo.py --out $(DEMO)

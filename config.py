@@ -53,14 +53,15 @@ class ConfigError(UserError, ValueError):
 
 
 def one_line(e: BaseException) -> str:
-    """An error as one line: a UserError's own message; an OS error as 'FILE: what went wrong'; otherwise
-    'Type: message'. Whitespace (a traceback carried in a message, a wrapped line) is folded to single spaces."""
-    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
+    """An error as one line: a UserError's own message; an OS error as 'FILE: what went wrong' (or the message it was
+    raised with); otherwise 'Type: message'. Whitespace (a traceback carried in a message, a wrapped line) is folded
+    to single spaces."""
+    if isinstance(e, OSError) and e.strerror:
         files = [str(f) for f in (e.filename, e.filename2) if f is not None]
         text = f"{' -> '.join(files)}: {e.strerror}" if files else e.strerror
     else:
         text = str(e)
-        if not isinstance(e, UserError):
+        if not isinstance(e, (UserError, OSError)):
             text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return " ".join(text.split()) or type(e).__name__
 

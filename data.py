@@ -242,8 +242,8 @@ def keep_batch_memory_mapped() -> bool:
 
     Why: every CPU batch of the DALI pipeline is a new buffer (256x3x64x64 fp32 = 12.6 MB) that the iterator hands to
     torch without a copy. glibc serves a buffer this large with mmap, or from a per-thread heap that it unmaps as soon
-    as it is empty, so each batch faulted fresh zeroed pages in again: about 2.3 of the 12 pages of every fp32 image
-    (median over runs) at ~1.5 us a fault on the 2-core VM; tuned, 0.3, and ~7% less CPU. A fixed mmap threshold at
+    as it is empty, so each batch faulted fresh zeroed pages in again (docs/benchmarks.md has the measured page
+    faults and CPU time before and after). A fixed mmap threshold at
     glibc's largest (32 MiB: dynamic below it) keeps such buffers in the heaps, and a 64 MiB top pad stops glibc from
     unmapping a heap or trimming it below that much free memory. The cost is up to 64 MiB of freed memory kept per
     malloc arena.
@@ -279,7 +279,8 @@ class DaliLoader(Loader):
         # The seed covers the reader's shuffle buffer and the coin flips; ranks differ so their flips differ.
         # On the CPU, DALI's dynamic executor hands its output buffers to torch through DLPack instead of the
         # iterator copying every batch into a new tensor (batches stay valid however long the caller keeps them).
-        # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one has not run on a GPU here.
+        # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one is unmeasured on a GPU
+        # (bench/gpu_check.sh would show it).
         pipe = Pipeline(batch_size=self.batch_size, num_threads=threads, device_id=self.device.index if gpu else None,
                         seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=PREFETCH,
                         enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=not gpu)

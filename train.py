@@ -619,9 +619,14 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     return ckpts.last
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> Path | None:
+    """The command line: a user's error is one line and exit status 1, anything else a traceback."""
     try:
         with config.user_errors():
-            main(*config.parse(TrainConfig))
+            return main(*config.parse(TrainConfig, argv))
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
         raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    cli()

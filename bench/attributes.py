@@ -1,6 +1,6 @@
 """The proof that a conditional model obeys its attributes, on fake CelebA, from nothing, on a CPU.
 
-    python bench/attributes.py --json bench/attributes.json            # ~50 min on a 2-core CPU
+    python bench/attributes.py --json bench/attributes.json            # long: docs/attributes.md gives its time
     python bench/attributes.py --out /tmp/attr --steps 300 --judge-n 20  # a quick look at the plumbing
 
 Steps, each with the project's own command line (printed, so that any of them can be rerun by hand):
@@ -47,7 +47,7 @@ class AttributesConfig:
     size: int = 32  # image size of the shards
     # The attributes requested =1 / =0 / free.
     attrs: str = "Eyeglasses,Wearing_Hat,Smiling,Blond_Hair,Black_Hair,Gray_Hair,Male,Pale_Skin"
-    steps: int = 2000  # training steps of the conditional model (~40 min at ~55 images/s on a 2-core CPU)
+    steps: int = 2000  # training steps of the conditional model
     batch_size: int = 64  # training batch
     lr: float = 1e-3  # peak learning rate (the tiny preset learns fast at 1e-3; 2e-4 is for the big ones)
     warmup: int = 200  # learning-rate warm-up steps

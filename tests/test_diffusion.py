@@ -9,8 +9,6 @@ import torch
 
 from diffusion import GaussianDiffusion, cosine_alpha_bar, make_timesteps
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # DDIM over 50 uniformly spaced steps (0, 20, ..., 980) is a first-order solver: on Gaussian data N(MU, S^2) with

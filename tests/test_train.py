@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import train
+from config import ConfigError
 from diffusion import GaussianDiffusion
 from ema import EMA
-import config
-from config import ConfigError
 from train import TrainConfig, lr_factor, merge_resumed_config
 from unet import UNet
 from utills import FORMAT_VERSION, NAN_ENV, PAUSE_ENV, CheckpointWarning, list_checkpoints, load_checkpoint
@@ -157,7 +157,8 @@ def test_checkpoint_contents(reference: Path):
     assert ckpt["config"]["base_channels"] == 16 and ckpt["model_config"]["base_channels"] == 16
     assert ckpt["ema"]["num_updates"] == 12 and ckpt["attributes"] == []
     assert ckpt["format_version"] == FORMAT_VERSION
-    assert ckpt["rng"]["world_size"] == 1 and {"python", "numpy", "torch", "cuda", "noise"} <= set(ckpt["rng"]["ranks"][0])
+    assert ckpt["rng"]["world_size"] == 1
+    assert {"python", "numpy", "torch", "cuda", "noise"} <= set(ckpt["rng"]["ranks"][0])
     data_state = ckpt["data_state"]["ranks"][0]
     assert data_state["backend"] == "dali" and data_state["epoch"] == 1
     assert [p.name for p in list_checkpoints(reference)] == ["step-00000004.pt", "step-00000008.pt",
@@ -339,6 +340,7 @@ def test_fid_during_training_with_the_real_network_and_resume(shards: Path, tmp_
     images per second here): FID/KID in metrics.jsonl, TensorBoard and the status line; the best checkpoint kept
     apart from pruning; a resume keeps the history and the best FID."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from utills import read_metrics
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the reference statistics' cache
     out = tmp_path / "run"
@@ -415,7 +417,7 @@ def test_loss_falls_and_ema_samples_approach_the_data(shards: Path, tmp_path: Pa
         a, b = a - a.mean(), b - b.mean()
         return float((a * b).sum() / (a.norm() * b.norm()))
 
-    (dm, ds, dd), (sm, ss, sd), (nm, ns, nd) = stats(data), stats(samples), stats(noise.clamp(-1, 1))
+    (dm, ds, dd), (sm, ss, sd), (_, ns, nd) = stats(data), stats(samples), stats(noise.clamp(-1, 1))
     assert (sm - dm).abs().max() < 0.15, (sm, dm)
     assert abs(ss - ds) < 0.5 * abs(ns - ds), (ss, ds, ns)
     assert abs(sd - dd) < 0.3 * abs(nd - dd), (sd, dd, nd)

@@ -8,8 +8,6 @@ import torch
 
 from unet import PRESETS, UNet, build_unet, timestep_embedding
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 # Expected parameter counts (unconditional). celeba64 is DDIM's CelebA model, 78.7M in its paper's table; the exact

@@ -7,8 +7,19 @@ import pytest
 import torch
 
 from atomic import atomic_write
-from utills import (CheckpointError, CheckpointWarning, atomic_save, capture_rng, find_latest,
-                    list_checkpoints, load_checkpoint, read_metrics, resolve_checkpoint, restore_rng, save_checkpoint)
+from utills import (
+    CheckpointError,
+    CheckpointWarning,
+    atomic_save,
+    capture_rng,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    read_metrics,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 
 
 def _ckpt(step: int, value: float = 1.0) -> dict:
@@ -108,10 +119,14 @@ def test_rng_capture_restore_through_weights_only(tmp_path):
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    random.random(); np.random.rand(); torch.rand(1)
+    random.random()
+    np.random.rand()
+    torch.rand(1)
     atomic_save(tmp_path / "rng.pt", {"rng": capture_rng()})
     expected = (random.random(), np.random.rand(3), torch.rand(3), torch.randn(2))
-    random.seed(99); np.random.seed(99); torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (random.random(), np.random.rand(3), torch.rand(3), torch.randn(2))
     assert got[0] == expected[0]
@@ -142,8 +157,16 @@ from pathlib import Path  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from ema import EMA  # noqa: E402
 from unet import build_unet  # noqa: E402
-from utills import (FORMAT_VERSION, TrainState, load_model, make_checkpoint, pack_ranks,  # noqa: E402
-                    restore_checkpoint, this_rank, upgrade)
+from utills import (  # noqa: E402
+    FORMAT_VERSION,
+    TrainState,
+    load_model,
+    make_checkpoint,
+    pack_ranks,
+    restore_checkpoint,
+    this_rank,
+    upgrade,
+)
 
 V0_RUN = Path(__file__).resolve().parent / "fixtures" / "v0-run"
 
@@ -193,7 +216,8 @@ def test_version_0_layouts_are_upgraded():
     single = {"step": 1, "rng": {"python": 1}, "data_state": {"epoch": 0}}
     up = upgrade(single)
     assert up["format_version"] == FORMAT_VERSION
-    assert up["rng"] == {"world_size": 1, "ranks": [{"python": 1}]} and this_rank(up["data_state"], 0, 1) == {"epoch": 0}
+    assert up["rng"] == {"world_size": 1, "ranks": [{"python": 1}]}
+    assert this_rank(up["data_state"], 0, 1) == {"epoch": 0}
     multi = {"step": 1, "rng": {"python": 0, "ranks": [{"python": 0}, {"python": 1}]},
              "data_state": {"world_size": 2, "ranks": [{"rank": 0}, {"rank": 1}]}}
     up = upgrade(multi)
