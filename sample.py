@@ -49,15 +49,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import config
+import diffusion
 from atomic import atomic_write
-from config import ConfigError, UserError
+from config import UserError
 from grids import png_bytes, save_grid, to_uint8
-from utills import (PRECISIONS, CheckpointError, LoadedModel, WriteError, autocast, export_safetensors, load_model,
-                    pick_device, remove_stale_temporaries, set_threads, weights_digest, os_errors_as_write_error)
+from utills import (
+    PRECISIONS,
+    LoadedModel,
+    autocast,
+    export_safetensors,
+    load_model,
+    os_errors_as_write_error,
+    pick_device,
+    remove_stale_temporaries,
+    set_threads,
+    weights_digest,
+)
 
 console = Console(stderr=True)
 
-SAMPLERS = ("ddim", "ddpm")
 IMAGE_RE = re.compile(r"^(\d{6,})\.png$")
 SETTINGS_FILE = "sample.json"  # what made the images of an --outdir (checked before adding to it)
 
@@ -67,7 +77,7 @@ class SampleConfig:
     ckpt: str = ""  # run folder (newest valid checkpoint), checkpoint .pt, or .safetensors written by --export
     n: int = 64  # images to make (grid or --outdir)
     batch_size: int = 256  # images per sampling batch
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm (diffusion.SAMPLERS)
     steps: int = 50  # sampling steps (respaced when fewer than the training timesteps)
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     variance: str = "fixed_small"  # DDPM posterior variance: fixed_small (beta~) or fixed_large (beta)
@@ -75,7 +85,7 @@ class SampleConfig:
     out: str = ""  # one PNG grid of the n images (default grid.png when nothing else is asked for)
     outdir: str = ""  # one PNG per image, 000000.png ...; images already there are kept and counted
     ema: bool = True  # sample with the EMA weights (--no-ema: the trained weights)
-    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     precision: str = "fp32"  # fp32 | fp16 | bf16: autocast for the UNet (the diffusion maths stays fp32/float64)
     attrs: str = ""  # conditional models: "Smiling=1,Eyeglasses=0"; attributes left out are free
@@ -85,7 +95,7 @@ class SampleConfig:
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
 
-    CHOICES: ClassVar[dict] = {"sampler": SAMPLERS, "precision": tuple(PRECISIONS),
+    CHOICES: ClassVar[dict] = {"sampler": tuple(sorted(diffusion.SAMPLERS)), "precision": tuple(PRECISIONS),
                                "variance": ("fixed_small", "fixed_large")}
     BOUNDS: ClassVar[dict] = {"n": ">= 1", "batch_size": ">= 1", "steps": ">= 1", "trajectory_rows": ">= 1",
                               "seed": ">= 0", "eta": "0..1", "threads": ">= 0", "guidance": ">= 0"}
@@ -98,12 +108,23 @@ class SampleError(UserError, ValueError):
 # ------------------------------------------------------------------------------------------------ command line
 
 def check_config(cfg: SampleConfig) -> None:
-    """Reject values that cannot work, with one line each."""
+    """Reject values that cannot work, with one line each (--device: pick_device, before the model is loaded)."""
     if not cfg.ckpt:
         raise SampleError("--ckpt is required (a run folder, a checkpoint .pt or an exported .safetensors)")
     config.check(cfg)
-    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
-        raise SampleError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
+    if not Path(cfg.ckpt).exists():
+        raise SampleError(f"{cfg.ckpt}: no such checkpoint file or run folder")
+
+
+def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
+    """Reject what the loaded model cannot take (more steps than its timesteps, attributes, a --sweep), before any
+    sampling."""
+    timesteps = loaded.diffusion.num_timesteps
+    if cfg.steps > timesteps:
+        raise SampleError(f"--steps {cfg.steps}: the model has {timesteps} timesteps; choose 1..{timesteps}")
+    parse_attrs(cfg.attrs, loaded)
+    if cfg.sweep:
+        sweep_rows(cfg, loaded)
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -292,8 +313,10 @@ def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLi
     if settings_path.exists():
         try:
             old = json.loads(settings_path.read_text())
-        except json.JSONDecodeError:
-            raise SampleError(f"{settings_path}: not valid JSON; remove it or use another --outdir") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise SampleError(f"{settings_path}: not valid JSON; remove it or use another --outdir")
         diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
         if diff:
             k = diff[0]
@@ -349,11 +372,9 @@ def main(cfg: SampleConfig) -> list[Path]:
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     console.print(f"loaded {loaded.source} (step {loaded.step}, {loaded.weights} weights, {loaded.image_size} px, "
                   f"{'conditional' if loaded.conditional else 'unconditional'}) on {device}")
-    parse_attrs(cfg.attrs, loaded)  # fail before any sampling
-    if cfg.sweep:
-        sweep_rows(cfg, loaded)
-        if not cfg.out:
-            raise SampleError("--sweep writes its grid to --out; give one")
+    check_model_settings(cfg, loaded)
+    if cfg.sweep and not cfg.out:
+        raise SampleError("--sweep writes its grid to --out; give one")
 
     if cfg.export:
         with os_errors_as_write_error(cfg.export):
@@ -384,10 +405,8 @@ def cli(argv: list[str] | None = None) -> None:
         import pictures  # lazily: plain sampling does not need matplotlib or the data loader
 
         return pictures.cli(args)
-    try:
+    with config.user_errors():
         main(config.parse(SampleConfig, args)[0])
-    except (SampleError, ConfigError, CheckpointError, WriteError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

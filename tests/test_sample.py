@@ -14,8 +14,8 @@ from PIL import Image
 
 import sample
 from sample import SampleConfig, SampleError
-from utills import CheckpointError
 from tiny_run import REPO, TRAIN_STEPS, conditional_run, one_thread_env, tiny_run
+from utills import CheckpointError
 
 torch.set_num_threads(1)
 
