@@ -24,11 +24,12 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
 import config
+from atomic import atomic_write
+from config import UserError
 from diffusion import GaussianDiffusion
 from grids import save_grid
-from atomic import atomic_write
+from manifest import MANIFEST
 from utills import read_metrics, run_paths
-from config import UserError
 
 console = Console(stderr=True)
 
@@ -78,7 +79,7 @@ def progress_gif(run: str | os.PathLike, frame_ms: int = 400, last_ms: int = 200
     paths = run_paths(run)
     frames_paths = sorted(paths.samples.glob("*.png"), key=lambda p: (_step_of(p), p.name))
     if not frames_paths:
-        raise FileNotFoundError(f"{paths.samples}: no sample grids (*.png) to make a GIF from")
+        raise PicturesError(f"{paths.samples}: no sample grids (*.png) to make a GIF from")
     font = ImageFont.load_default()
     frames = []
     for p in frames_paths:
@@ -117,7 +118,7 @@ def loss_plot(run: str | os.PathLike) -> Path:
     paths = run_paths(run)
     path = paths.metrics
     if not path.is_file():  # read_metrics reads a missing file as [], which would hide the cause
-        raise FileNotFoundError(f"{path}: no such metrics file")
+        raise PicturesError(f"{path}: no such metrics file")
     recs = [r for r in read_metrics(path) if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     if not recs:
         raise PicturesError(f"{path}: no records with a finite loss")
@@ -156,12 +157,12 @@ def run_pictures(run: str | os.PathLike) -> list[Path]:
     """--progress-gif: the GIF and the loss curve, whichever the run has the inputs for (at least one)."""
     run = Path(run)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run folder")
+        raise PicturesError(f"{run}: no such run folder")
     made, problems = [], []
     for make in (progress_gif, loss_plot):
         try:
             made.append(make(run))
-        except (FileNotFoundError, PicturesError) as e:
+        except PicturesError as e:  # nothing to draw this one from: the other may still be made
             problems.append(str(e))
     if not made:
         raise PicturesError(f"{run}: nothing to draw ({'; '.join(problems)})")
@@ -177,6 +178,8 @@ def check_config(cfg: PicturesConfig) -> None:
     config.check(cfg)
     if not (cfg.progress_gif or cfg.noising):
         raise PicturesError("nothing asked for: give --progress-gif RUN and/or --noising SHARDS [--out noising.png]")
+    if cfg.noising and not (Path(cfg.noising) / MANIFEST).is_file():
+        raise PicturesError(f"{Path(cfg.noising) / MANIFEST}: no manifest here (make shards with prepare_shards.py)")
 
 
 def main(cfg: PicturesConfig) -> list[Path]:
@@ -193,11 +196,8 @@ def main(cfg: PicturesConfig) -> list[Path]:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
-        cfg, _ = config.parse(PicturesConfig, argv)
-        main(cfg)
-    except (config.ConfigError, PicturesError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    with config.user_errors():
+        main(config.parse(PicturesConfig, argv)[0])
 
 
 if __name__ == "__main__":

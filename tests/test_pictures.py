@@ -54,7 +54,7 @@ def test_progress_gif_and_loss_plot(run: Path, tmp_path: Path):
 
 
 def test_loss_plot_needs_finite_losses(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="no such metrics file"):  # not read as an empty log
+    with pytest.raises(PicturesError, match="no such metrics file"):  # not read as an empty log
         pictures.loss_plot(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n')
     with pytest.raises(PicturesError, match="no records with a finite loss"):
