@@ -1,6 +1,6 @@
 """The attribute judge: a small CNN that reads CelebA's 40 attributes off a face, to measure how well a model obeys.
 
-    python judge.py --data SHARDS                  # -> SHARDS/judge.pt and SHARDS/judge.json, a few minutes on a CPU
+    python judge.py --data SHARDS                  # -> SHARDS/judge.pt and SHARDS/judge.json
     python judge.py --data SHARDS --out RUN/judge.pt --epochs 20
 
 It trains on the shards' train split (random flips; the attributes do not depend on left and right) with each
@@ -34,9 +34,9 @@ from torch import nn
 
 import config
 from atomic import atomic_write
-from config import ConfigError, UserError
-from manifest import read_manifest, sha256_file
-from utills import CheckpointError, WriteError, atomic_save, pick_device, set_threads, os_errors_as_write_error
+from config import UserError
+from manifest import MANIFEST, read_manifest, sha256_file
+from utills import atomic_save, os_errors_as_write_error, pick_device, set_threads
 
 console = Console(stderr=True)
 JUDGE_FORMAT = "celeba-ddpm-judge-1"
@@ -52,7 +52,7 @@ class JudgeConfig:
     lr: float = 2e-3  # AdamW peak learning rate (one-cycle schedule)
     max_images: int = 50000  # train on at most this many images (the first ones; shards are shuffled on disk)
     seed: int = 0  # initial weights, batch order and flips
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
 
     REQUIRED: ClassVar[tuple] = ("data",)
@@ -146,13 +146,16 @@ def train(cfg: JudgeConfig) -> Judge:
     config.check(cfg)
     set_threads(cfg.threads)
     console.print(f"[bold]judge[/] {dataclasses.asdict(cfg)}")
+    manifest_path = Path(cfg.data) / MANIFEST
+    if not manifest_path.is_file():
+        raise JudgeError(f"{manifest_path}: no manifest here (make shards with prepare_shards.py)")
     manifest = read_manifest(cfg.data)
     names = list(manifest.get("attributes") or [])
     if not names:
-        raise JudgeError(f"{Path(cfg.data) / 'manifest.json'}: the shards have no attributes to judge")
+        raise JudgeError(f"{manifest_path}: the shards have no attributes to judge")
     splits = manifest["splits"]
     if "train" not in splits or not splits["train"]["shards"]:
-        raise JudgeError(f"{Path(cfg.data) / 'manifest.json'}: no train split")
+        raise JudgeError(f"{manifest_path}: no train split")
     out = Path(cfg.out) if cfg.out else Path(cfg.data) / "judge.pt"
     device = pick_device(cfg.device)
 
@@ -258,10 +261,11 @@ def load_judge(path: str | Path, device: torch.device | str = "cpu") -> Judge:
         raise JudgeError(f"{path}: no such judge file (train one with: python judge.py --data SHARDS)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise JudgeError(f"{path}: not a judge file ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    except Exception as e:  # garbage bytes, a truncated zip, pickled code: whatever torch.load fails on, as utills does
+        raise JudgeError(f"{path}: not a judge file ({config.one_line(e)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != JUDGE_FORMAT:
-        raise JudgeError(f"{path}: not a judge file (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})")
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise JudgeError(f"{path}: not a judge file (format {found!r})")
     try:
         net = JudgeNet(**ckpt["config"])
         net.load_state_dict(ckpt["state_dict"])
@@ -272,15 +276,12 @@ def load_judge(path: str | Path, device: torch.device | str = "cpu") -> Judge:
                      {n: float(rep[n]["data_rate"]) for n in names},
                      {n: float(rep[n]["judged_held_out_rate"]) for n in names}, path)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise JudgeError(f"{path}: judge file is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
-            from None
+        raise JudgeError(f"{path}: judge file is damaged ({config.one_line(e)[:200]})") from None
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
+    with config.user_errors():
         train(config.parse(JudgeConfig, argv)[0])
-    except (JudgeError, ConfigError, CheckpointError, WriteError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
