@@ -24,13 +24,13 @@ import html
 import itertools
 import math
 import os
-import re
 import shlex
 import shutil
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +41,22 @@ from rich.console import Console
 
 import config
 from atomic import atomic_write
-from config import ConfigError, UserError
+from config import UserError
 from grids import png_bytes, save_grid, to_uint8
-from sample import SampleConfig, batches, check_config, grid_columns, parse_attrs, sample_n, trajectory_strip
-from utills import (PRECISIONS, CheckpointError, CheckpointWarning, LoadedModel, WriteError, list_checkpoints, load_model,
-                    pick_device, read_metrics, resolve_checkpoint, run_paths, set_threads)
+from sample import SampleConfig, batches, check_config, check_model_settings, grid_columns, sample_n, trajectory_strip
+from utills import (
+    PRECISIONS,
+    CheckpointError,
+    CheckpointWarning,
+    LoadedModel,
+    list_checkpoints,
+    load_model,
+    pick_device,
+    read_metrics,
+    resolve_checkpoint,
+    run_paths,
+    set_threads,
+)
 
 console = Console(stderr=True)
 
@@ -61,7 +72,7 @@ class AppConfig:
     ckpt: str = ""  # run folder (its checkpoints in a dropdown, the newest valid one first), a .pt or .safetensors
     host: str = "127.0.0.1"  # address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)
     port: int = 7860  # port to listen on
-    device: str = "auto"  # auto | cuda | cpu | cuda:N
+    device: str = "auto"  # auto | cuda | cuda:N | cpu
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
     batch_size: int = 256  # images per sampling batch, as sample.py --batch-size (DDPM pixels depend on it)
     max_faces: int = 64  # the most faces one Generate may ask for
@@ -75,19 +86,18 @@ class AppError(UserError, ValueError):
 
 
 def check_app_config(cfg: AppConfig) -> None:
-    """Reject values that cannot work, with one line each."""
+    """Reject values that cannot work, with one line each (--device: pick_device, before the page is built)."""
     config.check(cfg)
-    if cfg.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
-        raise AppError(f"--device must be auto, cuda, cuda:N or cpu, got {cfg.device!r}")
     if not Path(cfg.ckpt).exists():
         raise AppError(f"--ckpt {cfg.ckpt}: no such checkpoint file or run folder")
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as the one line the page shows."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    plain = (ValueError, FileNotFoundError, CheckpointError, WriteError)  # ours say what and where; others: name them
-    return text if isinstance(e, plain) else f"{type(e).__name__}: {text}"
+def page_line(e: BaseException) -> str:
+    """An error caught by the page as the one line it shows (the server stays up). A bug, neither a UserError nor an
+    OSError, also prints its traceback on the console, as a script would."""
+    if not isinstance(e, (UserError, OSError)):
+        traceback.print_exception(type(e), e, e.__traceback__)
+    return config.one_line(e)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -99,7 +109,7 @@ def error_line(e: BaseException, device: torch.device, n: int, batch_size: int) 
     if is_oom(e):
         return (f"out of memory on {device} making {n} faces in batches of {batch_size}: ask for fewer faces, "
                 f"or start app.py with a smaller --batch-size")
-    return one_line(e)
+    return page_line(e)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -190,15 +200,14 @@ def fid_history(run: Path | None) -> str:
         return "No run folder: no FID history."
     rows = []
     paths = run_paths(run)
-    for r in read_metrics(paths.metrics) if paths.inception.is_file() else []:
+    for r in read_metrics(paths.metrics) if paths.metrics.is_file() else []:
         if isinstance(r.get("fid"), (int, float)):
             kid = f"{r['kid']:.4f}" if isinstance(r.get("kid"), (int, float)) else ""
             rows.append((r["step"], f"{r['fid']:.2f}", kid, r.get("eval_n", ""), "training (EMA, DDIM)"))
-    evals = paths.eval_json.with_suffix(".jsonl")
-    if evals.is_file():
+    if paths.eval_history.is_file():
         import json
 
-        for line in evals.read_text().splitlines():
+        for line in paths.eval_history.read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 r = json.loads(line)
                 s = r.get("sampler", {})
@@ -215,7 +224,7 @@ def fid_history(run: Path | None) -> str:
 def loss_picture(run: Path | None, workdir: Path) -> str | None:
     """pictures.loss_plot of the run (loss, FID, lr), drawn from a copy of metrics.jsonl so that the run folder is
     only read; None when the run has no metrics."""
-    if run is None or not run_paths(run).inception.is_file():
+    if run is None or not run_paths(run).metrics.is_file():
         return None
     import pictures  # matplotlib: only when there is a curve to draw
 
@@ -224,13 +233,13 @@ def loss_picture(run: Path | None, workdir: Path) -> str | None:
     shutil.copyfile(run_paths(run).metrics, run_paths(copy).metrics)
     try:
         return str(pictures.loss_plot(copy))
-    except (pictures.PicturesError, FileNotFoundError, ValueError):
+    except pictures.PicturesError:  # no finite loss yet
         return None
 
 
 # ------------------------------------------------------------------------------------------------ sampling
 
-class Models:
+class CurrentModel:
     """The one loaded model (the last checkpoint asked for), shared by every page; a lock keeps one user of it."""
 
     def __init__(self, device: torch.device):
@@ -298,13 +307,13 @@ def counting_steps(model: torch.nn.Module, total: int, report: Callable[[int, in
         handle.remove()
 
 
-def generate(models: Models, app_cfg: AppConfig, workdir: Path, values: dict,
+def generate(current: CurrentModel, app_cfg: AppConfig, workdir: Path, values: dict,
              report: Callable[[int, int], None] = lambda done, total: None) -> tuple[Path, list[Path], Path | None,
                                                                                    str]:
     """Make the faces the page asks for -> (grid PNG, one PNG per face, trajectory PNG or None, status line).
 
     values: ckpt, ema, sampler, steps, eta, seed, n, precision, trajectory, guidance, attrs (the page's controls).
-    Raises SampleError, ConfigError, CheckpointError, ... with one-line messages.
+    Raises UserErrors (SampleError, ConfigError, CheckpointError, ...) with one-line messages.
     """
     n = int(values["n"])
     if not 1 <= n <= app_cfg.max_faces:
@@ -314,14 +323,13 @@ def generate(models: Models, app_cfg: AppConfig, workdir: Path, values: dict,
                         ema=bool(values["ema"]), device=app_cfg.device, threads=app_cfg.threads,
                         precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]))
     check_config(scfg)
-    with models.lock:
+    with current.lock:
         set_threads(app_cfg.threads)  # this runs on one of the server's threads, where --threads was not set
-        loaded = models.get(scfg.ckpt, scfg.ema)
-        parse_attrs(scfg.attrs, loaded)  # an attribute the model cannot take fails before any sampling
+        loaded = current.get(scfg.ckpt, scfg.ema)
+        check_model_settings(scfg, loaded)  # steps or an attribute the model cannot take: before any sampling
         console.print(f"[bold]generate[/] {dataclasses.asdict(scfg)}")
         out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{time.strftime('%H%M%S')}-seed{scfg.seed}-"))
-        steps = min(scfg.steps, loaded.diffusion.num_timesteps)
-        total = steps * (len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
+        total = scfg.steps * (len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
         started = time.perf_counter()
         with counting_steps(loaded.model, total, report):
             # The code path of `sample.py --out`: sample_n, then save_grid with grid_columns(n) columns.
@@ -332,7 +340,7 @@ def generate(models: Models, app_cfg: AppConfig, workdir: Path, values: dict,
             traj = trajectory_strip(loaded, scfg, out / "trajectory.png") if values["trajectory"] else None
         seconds = time.perf_counter() - started
     prune(workdir)
-    status = (f"{n} faces, {scfg.sampler}-{steps}, seed {scfg.seed}, in {seconds:.1f} s on {models.device}. "
+    status = (f"{n} faces, {scfg.sampler}-{scfg.steps}, seed {scfg.seed}, in {seconds:.1f} s on {current.device}. "
               f"The same grid: {sample_command(scfg)}")
     return grid, faces, traj, status
 
@@ -377,31 +385,37 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before the import: no telemetry, no version check
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ImportError as e:  # gradio, or a package it needs
+        raise AppError(f"{e.name or e}: not installed; app.py needs `pip install -e .[app]` "
+                       f"(the versions of requirements.lock)") from None
 
     ckpt = Path(cfg.ckpt)
     run = run_folder(ckpt)
-    models = Models(device)
+    current = CurrentModel(device)
     first = first_choice(ckpt)
     # The attribute controls are built once, from the checkpoint first shown (every checkpoint of a run has the same).
     names: list[str] = []
     startup_error = ""
     for path in [first] + [p for _, p in checkpoint_choices(ckpt) if p != first]:
         try:
-            names = list(models.get(path, True).attributes) if path else []
+            names = list(current.get(path, True).attributes) if path else []
             break
         except Exception as e:  # the page still comes up, with this line on it
-            startup_error = startup_error or one_line(e)
-            console.print(f"[yellow]warning:[/] {one_line(e)}")
+            line = page_line(e)
+            startup_error = startup_error or line
+            console.print(f"[yellow]warning:[/] {line}")
 
     def on_select(path: str, ema: bool):
         """The checkpoint dropdown or the EMA box changed: load it and describe it, or show why it cannot load."""
         try:
-            with models.lock:
-                loaded = models.get(path, ema)
+            with current.lock:
+                loaded = current.get(path, ema)
             return describe(loaded), attribute_note(loaded), status_html(f"{Path(path).name} loaded on {device}")
         except Exception as e:  # any failure is a line on the page; the server goes on
-            return f"**{Path(path).name if path else 'no checkpoint'}**: not loaded", "", status_html(one_line(e), True)
+            return (f"**{Path(path).name if path else 'no checkpoint'}**: not loaded", "",
+                    status_html(page_line(e), True))
 
     def on_refresh(path: str):
         """Re-read the run folder: new checkpoints (training may be running), the loss curve, the FID history."""
@@ -414,7 +428,7 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any
         v["attrs"] = attrs_spec(names, [values[r] for r in radios])
         progress(0, desc="loading")
         try:
-            grid, faces, traj, status = generate(models, cfg, workdir, v,
+            grid, faces, traj, status = generate(current, cfg, workdir, v,
                                                  lambda done, total: progress((done, total), desc="sampling",
                                                                               unit="steps"))
             return str(grid), [str(f) for f in faces], gr.update(value=str(traj) if traj else None,
@@ -444,7 +458,8 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any
                     fids = gr.Markdown(elem_id="fid")
             with gr.Column(scale=3):
                 with gr.Row():
-                    sampler = gr.Radio(["ddim", "ddpm"], value="ddim", label="sampler", elem_id="sampler")
+                    sampler = gr.Radio(list(SampleConfig.CHOICES["sampler"]), value=SampleConfig.sampler,
+                                       label="sampler", elem_id="sampler")
                     precision = gr.Radio(list(PRECISIONS), value="fp32", label="precision", elem_id="precision")
                 with gr.Row():
                     steps = gr.Slider(1, 1000, value=50, step=1, label="steps", elem_id="steps")
@@ -505,13 +520,8 @@ def main(cfg: AppConfig) -> None:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    try:
+    with config.user_errors():
         main(config.parse(AppConfig, sys.argv[1:] if argv is None else argv)[0])
-    except (AppError, ConfigError, CheckpointError, WriteError, FileNotFoundError, OSError, ValueError) as e:
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-    except ImportError as e:
-        raise SystemExit(f"error: {e.name or e}: not installed; app.py needs `pip install -e .[app]` "
-                         f"(the versions of requirements.lock)") from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from tiny_run import REPO, conditional_run, one_thread_env, tiny_run
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-START_TIMEOUT_S = 120  # app.py's start: torch, gradio, the model (~7 s here)
+START_TIMEOUT_S = 120  # app.py's start: torch, gradio, the model
 GENERATE_TIMEOUT_MS = 120_000
 
 
