@@ -3,7 +3,7 @@
     python demo.py --out demo            # what `make demo` runs
 
 Every step is the project's own command line, run as a user would run it, so the demo doubles as a smoke test of
-the README. On a machine with CUDA the training run is longer and larger; on a CPU it is a few minutes.
+the README. On a machine with CUDA the training run is longer and larger than on a CPU.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import ClassVar
 from rich.console import Console
 
 import config
-from config import ConfigError
+from config import UserError
 
 console = Console()
 
@@ -30,7 +30,7 @@ console = Console()
 class DemoConfig:
     out: str = "demo"  # folder for everything the demo writes (fake data, shards, run, pictures)
     count: int = 3000  # fake CelebA images to draw
-    size: int = 0  # shard resolution in pixels; 0 picks 32 on CPU (a tiny UNet trains ~5x faster there) and 64 on CUDA
+    size: int = 0  # shard resolution in pixels; 0 picks 32 on CPU (a tiny UNet trains faster there) and 64 on CUDA
     preset: str = "tiny"  # UNet preset to train
     steps: int = 0  # training steps; 0 picks 800 on CPU and 6000 on CUDA
     batch_size: int = 0  # 0 picks 32 on CPU and 128 on CUDA
@@ -42,9 +42,15 @@ class DemoConfig:
                                         "interrupt_after": ">= 0"}
 
 
+class DemoError(UserError):
+    """A step of the demo failed (its own message is printed above): a one-line message naming the step."""
+
+
 def run(cmd: list[str], **kw) -> None:
     console.print(f"[bold cyan]$ {' '.join(cmd)}")
-    subprocess.run(cmd, check=True, **kw)
+    code = subprocess.run(cmd, **kw).returncode
+    if code != 0:
+        raise DemoError(f"{Path(cmd[1]).name} exited with status {code} (its messages are above)")
 
 
 def main(cfg: DemoConfig) -> None:
@@ -79,7 +85,7 @@ def main(cfg: DemoConfig) -> None:
              "--sample-every", str(max(steps // 8, 1)), "--sample-steps", "25", "--log-every", "50",
              "--loader", "dali",
              # The training-time FID curve (on the loss plot): few samples and reference images on the CPU, where
-             # the FID Inception runs at a few images per second.
+             # the FID Inception is slow.
              "--eval-every", str(max(steps // 4, 1)), "--eval-n", "500" if cuda else "64", "--eval-steps", "25",
              "--eval-ref-max", "0" if cuda else "256"]
     first = subprocess.Popen(train)
@@ -91,7 +97,7 @@ def main(cfg: DemoConfig) -> None:
         console.print("[bold yellow]demo: sending SIGTERM to the training run (a preemption)")
         first.send_signal(signal.SIGTERM)
     if first.wait() != 0:
-        raise SystemExit(f"error: the first training run exited with {first.returncode}")
+        raise DemoError(f"the first training run exited with {first.returncode}")
     console.print("[bold]demo: starting the same command again; it resumes from its newest checkpoint")
     run(train)
 
@@ -115,9 +121,10 @@ def main(cfg: DemoConfig) -> None:
     console.print(f"  {shlex.join([python, 'app.py', '--ckpt', str(run_dir)])}", markup=False, highlight=False)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    with config.user_errors():
+        main(config.parse(DemoConfig, argv, config_file=False)[0])
+
+
 if __name__ == "__main__":
-    try:
-        cfg, _ = config.parse(DemoConfig, config_file=False)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    main(cfg)
+    cli(sys.argv[1:])
