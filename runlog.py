@@ -2,9 +2,14 @@
 
     log = RunLog(quiet=not is_main)                  # the console only: say() works from the first line of main
     log.say("resuming from ...")
-    log.open(run, step=0, total=steps, tensorboard=True, config=asdict(cfg), cleanup=stack)
+    log.open(run, step=0, total=steps, images_seen=0, batch_size=128, device=device, tensorboard=True,
+             config=asdict(cfg), cleanup=stack)
+    log.waited(seconds)                              # time spent waiting for data, and
     log.advance(step)                                # the progress bar
     log.record({"step": 100, "loss": 0.03, ...})    # a metrics.jsonl line, TensorBoard scalars, the status line
+
+`record` adds the throughput since the previous record (images/s, the share of time spent waiting for data, the time
+left, the GPU's peak memory); time spent evaluating is excluded with `log.exclude(seconds)`.
 
 Only rank 0 writes: a quiet log (the other ranks) prints nothing and opens no file. On a terminal the status line
 lives in a rich progress bar; elsewhere (a batch job's log file) each record is one plain line.
@@ -14,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -42,7 +46,9 @@ class RunLog:
         self.console = Console(quiet=quiet, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.run: RunPaths | None = None
-        self.total = 0
+        self.total = self.batch_size = 0
+        self.device = torch.device("cpu")
+        self._since = self._images = self._wait = 0.0  # the previous record's time and image count; data wait since
         self._metrics: Any = None  # metrics.jsonl, open for appending
         self._writer: Any = None  # TensorBoard's SummaryWriter, with --tensorboard
         self._progress: Progress | None = None
@@ -52,11 +58,12 @@ class RunLog:
         """One line (or a rich table) on rank 0's console."""
         self.console.print(text)
 
-    def open(self, run: RunPaths, *, step: int, total: int, tensorboard: bool, config: dict,
-             cleanup: contextlib.ExitStack) -> None:
-        """Open metrics.jsonl for appending, TensorBoard when asked, and the progress bar at `step` of `total`;
-        `cleanup` closes them."""
-        self.run, self.total = run, total
+    def open(self, run: RunPaths, *, step: int, total: int, images_seen: int, batch_size: int, device: torch.device,
+             tensorboard: bool, config: dict, cleanup: contextlib.ExitStack) -> None:
+        """Open metrics.jsonl for appending, TensorBoard when asked, and the progress bar at `step` of `total`
+        steps of `batch_size` images; `cleanup` closes them. The throughput is counted from now."""
+        self.run, self.total, self.batch_size, self.device = run, total, batch_size, device
+        self._since, self._images, self._wait = time.perf_counter(), images_seen, 0.0
         if not self.quiet and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -78,18 +85,37 @@ class RunLog:
         """The progress bar at `step`."""
         self._progress.update(self._task, completed=step)
 
-    def record(self, record: dict, eval_keys: Collection[str] = ()) -> None:
-        """One metrics record: a metrics.jsonl line, TensorBoard scalars (eval/ for `eval_keys`, train/ for the
-        rest) and the status line."""
+    def waited(self, seconds: float) -> None:
+        """Time spent waiting for the next batch."""
+        self._wait += seconds
+
+    def exclude(self, seconds: float) -> None:
+        """Time that is not training (an evaluation) and should not count against the throughput."""
+        self._since += seconds
+
+    def record(self, values: dict, scores: dict | None = None) -> None:
+        """One metrics record of `values` (step, images_seen, loss, ...), the throughput since the previous record and
+        the evaluation `scores` of this step: a metrics.jsonl line, TensorBoard scalars (eval/ for the scores, train/
+        for the rest) and the status line. Other ranks than 0 write nothing."""
+        now = time.perf_counter()
+        elapsed = max(now - self._since, 1e-9)
+        record = {**values, "images_per_s": (values["images_seen"] - self._images) / elapsed,
+                  "data_wait": self._wait / elapsed}
+        record["eta_s"] = (self.total - values["step"]) * self.batch_size / max(record["images_per_s"], 1e-9)
+        if self.device.type == "cuda":
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._since, self._images, self._wait = now, values["images_seen"], 0.0
         if self.quiet:
             return
+        scores = scores or {}
+        record.update(scores)  # the scores join the record of their step (one record per step)
         with os_errors_as_write_error(self.run.metrics, self.run.root):
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
         if self._writer is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and value is not None:
-                    self._writer.add_scalar(f"{'eval' if key in eval_keys else 'train'}/{key}", value, record["step"])
+                    self._writer.add_scalar(f"{'eval' if key in scores else 'train'}/{key}", value, record["step"])
         status = format_status(record, self.total)
         if self._progress.disable:
             self.say(status)

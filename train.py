@@ -524,13 +524,12 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         # Logs, signal handlers, the lock and the process group are undone by `cleanup` however the run ends.
         if world_size > 1:
             cleanup.callback(dist.destroy_process_group)
-        log.open(run, step=state.step, total=total_steps, tensorboard=cfg.tensorboard, config=asdict(cfg),
-                 cleanup=cleanup)
+        log.open(run, step=state.step, total=total_steps, images_seen=state.images_seen, batch_size=cfg.batch_size,
+                 device=device, tensorboard=cfg.tensorboard, config=asdict(cfg), cleanup=cleanup)
         ckpts = Checkpointer(run, cfg, ranks, loader, diffusion, noise_gen, log)
         stop_signal = catch_stop_signals(cleanup)
         stats = RunningStats(device)
         nan_fault = nan_test_steps()
-        last_log_time, last_log_images, data_wait = time.perf_counter(), state.images_seen, 0.0
         saved_step = -1
         batches = iter(loader)
         if state.step >= total_steps:
@@ -545,7 +544,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 watch.check()
                 batches = iter(loader)
                 continue
-            data_wait += time.perf_counter() - t0
+            log.waited(time.perf_counter() - t0)
             x0 = batch["image"]
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -573,26 +572,17 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             best = ranks.any(scores.get("fid") is not None and scores["fid"] < (state.best_fid or math.inf))
             if best and scores:
                 state.best_fid, state.best_fid_step = scores["fid"], step
-            checkpoint_now, last_log_time = checkpoint_now or best, last_log_time + scores.get("eval_s", 0.0)
+            checkpoint_now = checkpoint_now or best
+            log.exclude(scores.get("eval_s", 0.0))
 
             # Log: read the device values back, average the loss over ranks, one line and one JSON record.
             if step % cfg.log_every == 0 or checkpoint_now or scores:
-                mean_loss = stats.read(ranks, cfg.max_nonfinite, step, ckpts.last)
-                now = time.perf_counter()
                 adam_state = optimizer.state.get(next(iter(model.parameters())), {})
-                record = {
-                    "step": step, "epoch": state.epoch, "images_seen": state.images_seen, "loss": mean_loss,
-                    "lr": lr, "grad_norm": float(grad_norm), "loss_scale": float(scaler.get_scale()),
-                    "images_per_s": (state.images_seen - last_log_images) / max(now - last_log_time, 1e-9),
-                    "data_wait": data_wait / max(now - last_log_time, 1e-9),
-                    "skipped_steps": step - int(adam_state.get("step", 0)),  # updates the optimizer did not take
-                }
-                record["eta_s"] = (total_steps - step) * cfg.batch_size / max(record["images_per_s"], 1e-9)
-                if device.type == "cuda":
-                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if ranks.is_main:  # the scores join the record of their step (one record per step)
-                    log.record({**record, **scores}, eval_keys=scores)
-                last_log_time, last_log_images, data_wait = now, state.images_seen, 0.0
+                log.record({"step": step, "epoch": state.epoch, "images_seen": state.images_seen,
+                            "loss": stats.read(ranks, cfg.max_nonfinite, step, ckpts.last), "lr": lr,
+                            "grad_norm": float(grad_norm), "loss_scale": float(scaler.get_scale()),
+                            "skipped_steps": step - int(adam_state.get("step", 0))},  # updates not taken
+                           scores)
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
             if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):

@@ -57,8 +57,8 @@ def test_every_project_error_class_is_a_user_error():
     for name in modules:
         module = importlib.import_module(name)
         for attr, value in vars(module).items():
-            if (isinstance(value, type) and issubclass(value, Exception) and value.__module__ == name
-                    and not attr.startswith("_")):
+            if (isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning)
+                    and value.__module__ == name and not attr.startswith("_")):
                 found.append(value)
                 assert issubclass(value, UserError), f"{name}.{attr} does not derive from config.UserError"
     assert len(found) >= 15
