@@ -101,7 +101,8 @@ def test_a_script_run_shows_one_line_for_a_bad_flag_and_a_traceback_for_a_bug(tm
     """The real process: stderr and exit status."""
     bad = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "none"), "--steps", "0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: ")
+    assert len(bad.stderr.strip().splitlines()) == 1
     code = ("import sys, sample\n"
             "def bug(cfg): raise ValueError('an internal bug')\n"
             "sample.main = bug\n"
