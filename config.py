@@ -32,6 +32,7 @@ import difflib
 import inspect
 import io
 import json
+import math
 import re
 import sys
 import tokenize
@@ -168,7 +169,8 @@ def _show(value: Any) -> str:
 
 
 def check(cfg: Any, origin: dict[str, str] | None = None) -> None:
-    """Raise ConfigError for the first value that breaks the config class's REQUIRED, CHOICES or BOUNDS.
+    """Raise ConfigError for the first value that breaks the config class's REQUIRED, CHOICES or BOUNDS, or a float
+    that is not finite (nan, inf).
 
     origin maps a field to the config file its value came from; the message then names the file too.
     """
@@ -192,6 +194,8 @@ def check(cfg: Any, origin: dict[str, str] | None = None) -> None:
             for test, words in _bound(bounds[f.name]):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
                     raise ConfigError(f"{flag(f.name)} {_show(value)}{where(f.name)}: must be {words}")
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes most bounds, nan those of no field
+            raise ConfigError(f"{flag(f.name)} {value}{where(f.name)}: must be a finite number")
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -251,8 +255,9 @@ def read_file(cls: type, path: str) -> dict[str, Any]:
     Keys are field names, underscored or dashed; RETIRED keys are skipped, so a run's old config.json still loads.
     """
     data = _read_text(path)
-    if data is None:  # an empty YAML file (or one of comments only) sets nothing
-        return {}
+    if data is None:  # an empty file, or one of comments only: almost surely the wrong file, never "no config"
+        raise ConfigError(f"{path}: the config file is empty (no field is set); give a file of field values, or "
+                          f"drop --config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field names to values at the top level, "
                           f"got {type(data).__name__}")
@@ -303,11 +308,21 @@ def _parser(cls: type, config_file: bool, description: str | None) -> argparse.A
     return parser
 
 
+class Given(set):
+    """The names of the fields given, on the command line or in the --config `file` (None without one); `from_file`
+    names those whose value came from the file (a flag on the command line overrides the file)."""
+
+    def __init__(self, names: Any = (), file: str | None = None, from_file: Any = ()):
+        super().__init__(names)
+        self.file, self.from_file = file, frozenset(from_file)
+
+
 def parse(cls: type, argv: list[str] | None = None, *, config_file: bool = True,
-          description: str | None = None) -> tuple[Any, set[str]]:
+          description: str | None = None) -> tuple[Any, Given]:
     """Build cls from the command line (argv, default sys.argv[1:]) and, with config_file, a --config FILE; check it.
 
-    Returns the config and the names of the fields given (on the command line or in the file). Raises ConfigError
+    Returns the config and the names of the fields given (a `Given`: on the command line or in the file, and which
+    came from the file). Raises ConfigError
     for a bad file or value; argparse itself exits with status 2 on an unknown flag or a malformed number.
     description: the --help headline (default: the first line of cls's module docstring).
     """
@@ -318,4 +333,4 @@ def parse(cls: type, argv: list[str] | None = None, *, config_file: bool = True,
     values.update(given)
     cfg = cls(**values)
     check(cfg, origin)
-    return cfg, set(values)
+    return cfg, Given(values, file=path, from_file=origin)

@@ -101,8 +101,11 @@ def verify_checksums(data_dir: Path, shards: list[dict]) -> None:
 
     todo = [(data_dir / s[name], s[key]) for s in shards for name, key in (("tar", "sha256"), ("idx", "idx_sha256"))
             if key in s]
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    try:
         digests = list(pool.map(sha256_file, [path for path, _ in todo]))
+    finally:  # stopped (a signal during start-up): the files not yet begun are not hashed
+        pool.shutdown(wait=True, cancel_futures=True)
     for (path, expected), digest in zip(todo, digests):
         if digest != expected:
             raise DataError(f"{path}: sha256 differs from the manifest (corrupt or rewritten); "

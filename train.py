@@ -10,16 +10,32 @@ Run the same command again and it continues from the newest checkpoint in OUT/ch
 random state come back, so on the CPU a run killed at any moment ends bit-identical to one never interrupted (with
 the same thread count: float sums depend on it).
 SIGTERM or SIGINT (preemption, notebook limits) finishes the step, writes a checkpoint and exits 0; a second SIGINT
-exits at once. `--batch-size` counts images per step over all ranks; each rank reads its own part of the data.
+exits at once. During the start-up, before the first step, either one stops at once, also with exit 0.
+`--batch-size` counts images per step over all ranks; each rank reads its own part of the data.
 """
 from __future__ import annotations
+
+import os
+import signal
+
+
+def stop_before_first_step(signum: int, frame: object) -> None:
+    """SIGTERM/SIGINT until the training loop takes them over (catch_stop_signals): the start-up (imports, shard
+    verification, reference statistics) ends at once and cleanly, exit 0 with one line, nothing trained. Files are
+    written atomically, so what was being written (a reference cache, config.json) is complete or absent."""
+    os.write(1, f"stopped by {signal.Signals(signum).name} before the first step (during start-up): nothing was "
+                f"trained; run the same command again\n".encode())
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":  # from the first line: a preemption during the imports below is a clean stop too
+    for _signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_signal, stop_before_first_step)
 
 import contextlib
 import dataclasses
 import json
 import math
-import os
-import signal
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -40,6 +56,7 @@ from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from fid import TrainingFID
 from grids import save_grid
+from manifest import read_manifest
 from runlog import RunLog
 from step import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
@@ -50,6 +67,7 @@ from utills import (
     TrainState,
     autocast,
     capture_rng,
+    checkpoint_step,
     find_latest,
     list_checkpoints,
     load_checkpoint,
@@ -62,6 +80,7 @@ from utills import (
     resolve_precision,
     restore_checkpoint,
     restore_rng,
+    roll_back,
     run_paths,
     save_checkpoint,
     set_threads,
@@ -110,6 +129,7 @@ class TrainConfig:
     sample_steps: int = 50  # DDIM steps for those grids
     log_every: int = 100  # steps per log line and metrics.jsonl record
     resume: str = "auto"  # auto (newest valid checkpoint in OUT, if any) | never | PATH (checkpoint or run folder)
+    rollback: bool = False  # --resume PATH to an older checkpoint of OUT: move the later ones aside and go on from it
     tensorboard: bool = False  # also write TensorBoard scalars, grids, FID and the config to OUT/tensorboard
     eval_every: int = 0  # every N steps and at the end: FID/KID of --eval-n EMA samples vs the shards (0 = never)
     eval_n: int = 1000  # samples per training-time evaluation (the same noise every time; 50,000 for paper numbers)
@@ -127,7 +147,8 @@ class TrainConfig:
                                "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
                                "precision": ("auto", "fp16", "bf16", "fp32")}  # --device: utills.pick_device
     BOUNDS: ClassVar[dict] = {
-        "num_workers": ">= -1", "timesteps": ">= 2", "batch_size": ">= 1", "log_every": ">= 1", "sample_steps": ">= 1",
+        "num_workers": ">= -1", "timesteps": "2..100000", "batch_size": ">= 1", "log_every": ">= 1",
+        "sample_steps": ">= 1",
         "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
         "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
         "p_free": "0..1",
@@ -149,13 +170,67 @@ ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "scale_shift_norm",
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
-def check_config(cfg: TrainConfig) -> None:
-    """Reject values that cannot work, with one line naming the flag."""
+def check_config(cfg: TrainConfig, given: Collection[str] = ()) -> None:
+    """Reject values that cannot work, with one line naming the flag, before anything is written."""
     config.check(cfg)
     if cfg.steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("give --steps N or --epochs E")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+    if cfg.rollback and cfg.resume in ("auto", "never"):
+        raise ConfigError("--rollback goes with --resume PATH (the checkpoint to go back to)")
+    read_manifest(cfg.data)  # the shards are there (the full checks come with the loader)
+    check_out(cfg, given)
+
+
+def is_train_config(path: Path) -> bool:
+    """Whether `path` is a config.json written by train.py."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(saved, dict) and {"data", "out", "preset", "steps"} <= set(saved)
+
+
+def check_out(cfg: TrainConfig, given: Collection[str]) -> None:
+    """--out is a new or empty folder or a run folder of train.py's, and a run's config.json given as --config
+    continues that run, from any directory."""
+    out, run = Path(cfg.out), run_paths(cfg.out)
+    if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {cfg.out}: is a file, not a run folder")
+    if file_above := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ConfigError(f"--out {cfg.out}: {file_above} is a file, not a folder")
+    if run.config.exists() and not is_train_config(run.config):
+        raise ConfigError(f"--out {cfg.out}: its config.json is not one of train.py's; give a new or empty folder")
+    if out.is_dir() and not run.config.exists() and not run.checkpoints.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {cfg.out}: not a run folder (no config.json or checkpoints/ of train.py) and not "
+                          f"empty; give a new or empty folder")
+    file = getattr(given, "file", None)
+    if file and "out" in given.from_file and Path(file).name == "config.json":
+        home = Path(file).resolve().parent
+        if run_paths(home).checkpoints.is_dir() and out.resolve() != home:
+            raise ConfigError(f"--config {file}: the config of the run in {home}, but its out {cfg.out!r} names "
+                              f"{out.resolve()} from here; give --out {home} to continue that run, or --out NEW "
+                              f"to start another from its settings")
+
+
+def stored_config(cfg: TrainConfig) -> dict:
+    """The config as config.json and the checkpoints keep it: paths absolute, so that `--config RUN/config.json` is
+    the same run from any directory, and resume "auto" (without --rollback), so that it continues the run from its
+    newest checkpoint."""
+    return {**asdict(cfg), "data": os.path.abspath(cfg.data), "out": os.path.abspath(cfg.out), "resume": "auto",
+            "rollback": False}
+
+
+def check_same_run(cfg: TrainConfig, given: Collection[str], saved: dict) -> None:
+    """A --config file whose out holds a run must describe that run (the same data and seed)."""
+    for name in ("data", "seed"):
+        if name not in getattr(given, "from_file", ()) or name not in saved:
+            continue
+        mine, theirs = getattr(cfg, name), saved[name]
+        if name == "data" and os.path.isabs(theirs):  # older config.json files hold the path as given
+            mine = os.path.abspath(mine)
+        if mine != theirs:
+            raise ConfigError(f"--config {given.file}: --out {cfg.out} holds another run (its {name} is {theirs!r}, "
+                              f"the file's {getattr(cfg, name)!r}); give a new --out, or that run's own config.json")
 
 
 def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) -> tuple[TrainConfig, list[str]]:
@@ -163,9 +238,9 @@ def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) 
 
     An architecture flag that was given (or differs from its default) and differs from the checkpoint is an error.
     """
-    updates, changes = {}, []
+    updates, changes, stored = {}, [], stored_config(cfg)
     for f in dataclasses.fields(cfg):
-        if f.name not in saved:
+        if f.name not in saved or stored[f.name] == saved[f.name]:  # the same, as stored (paths absolute)
             continue
         new, old = getattr(cfg, f.name), saved[f.name]
         if f.name in ARCH_FIELDS:
@@ -235,8 +310,11 @@ def join_ranks(cfg: TrainConfig) -> Ranks:
     return Ranks(world_size, rank, local_rank, device, control)
 
 
-def find_resume(cfg: TrainConfig, run: RunPaths) -> tuple[Path | None, dict | None]:
-    """The checkpoint to continue from (--resume auto|never|PATH) and its contents, or (None, None)."""
+def find_resume(cfg: TrainConfig, run: RunPaths, log: RunLog, is_main: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from (--resume auto|never|PATH) and its contents, or (None, None).
+
+    A run folder holds one history: going back to an older checkpoint of OUT needs --rollback, which moves the later
+    checkpoints, grids and metrics aside (rank 0); a checkpoint of another folder starts a branch in a new OUT."""
     if cfg.resume == "auto":
         found = find_latest(run.root)
         if found is None and list_checkpoints(run.root):
@@ -244,7 +322,21 @@ def find_resume(cfg: TrainConfig, run: RunPaths) -> tuple[Path | None, dict | No
         return found if found else (None, None)
     if cfg.resume != "never":
         path = resolve_checkpoint(cfg.resume)
-        return path, load_checkpoint(path)
+        ckpt = load_checkpoint(path)
+        own = list_checkpoints(run.root)
+        if path.resolve().parent != run.checkpoints.resolve():
+            if own:
+                raise ConfigError(f"--resume {path}: --out {run.root} already holds checkpoints of its own run (up "
+                                  f"to {own[-1].name}); to branch from {path}, give a new or empty --out")
+            return path, ckpt
+        later = [p for p in own if checkpoint_step(p) > ckpt["step"]]
+        if later and not cfg.rollback:
+            raise ConfigError(f"--resume {path}: {run.checkpoints} holds {len(later)} later checkpoint(s) of this "
+                              f"run (up to {later[-1].name}) that going back to step {ckpt['step']} would abandon; "
+                              f"branch with --out NEW --resume {path}, or add --rollback to move them aside")
+        if cfg.rollback and is_main and (aside := roll_back(run, ckpt["step"])) is not None:
+            log.say(f"[yellow]rolled back to step {ckpt['step']}[/]: what came after it moved to {aside}")
+        return path, ckpt
     if list_checkpoints(run.root):
         raise ConfigError(f"--resume never: {run.checkpoints} already holds checkpoints; use a new --out")
     return None, None
@@ -409,7 +501,7 @@ class Checkpointer:
                 raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
             self.log.say(f"weights identical on {ranks.world_size} ranks at step {state.step}")
         if ranks.is_main:
-            ckpt = make_checkpoint(state, config=asdict(self.cfg), diffusion_config=self.diffusion.config,
+            ckpt = make_checkpoint(state, config=stored_config(self.cfg), diffusion_config=self.diffusion.config,
                                    image_size=self.loader.image_size, data_states=data_states, rngs=rngs,
                                    attributes=list(self.loader.attributes) if self.cfg.cond else [])
             if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
@@ -428,7 +520,7 @@ class Checkpointer:
 
 def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     """Train (or continue training) the run in `cfg.out`; returns the last checkpoint written, if any."""
-    check_config(cfg)
+    check_config(cfg, given)
     set_threads(cfg.threads)
     ranks = join_ranks(cfg)
     device, world_size = ranks.device, ranks.world_size
@@ -446,8 +538,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         raise refused or RunLocked(f"{run.root}: rank 0 could not lock the run folder")
     with cleanup:
         # Pick the checkpoint to continue from; architecture comes from it, run control from the command line.
-        ckpt_path, ckpt = find_resume(cfg, run)
+        ckpt_path, ckpt = find_resume(cfg, run, log, ranks.is_main)
         if ckpt is not None:
+            check_same_run(cfg, given, ckpt["config"])
             cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
             log.say(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
             for change in changes:
@@ -476,7 +569,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                       f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
         if ranks.is_main:  # only now that the data and the checkpoint have been accepted
             with os_errors_as_write_error(run.config, run.root):
-                atomic_write(run.config, (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+                atomic_write(run.config, (json.dumps(stored_config(cfg), indent=2) + "\n").encode())
 
         # Optimizer, schedule, loss scaler and EMA; only fp16 needs loss scaling.
         optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, device)
@@ -525,7 +618,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         if world_size > 1:
             cleanup.callback(dist.destroy_process_group)
         log.open(run, step=state.step, total=total_steps, images_seen=state.images_seen, batch_size=cfg.batch_size,
-                 device=device, tensorboard=cfg.tensorboard, config=asdict(cfg), cleanup=cleanup)
+                 device=device, tensorboard=cfg.tensorboard, config=stored_config(cfg),
+                 cleanup=cleanup)
         ckpts = Checkpointer(run, cfg, ranks, loader, diffusion, noise_gen, log)
         stop_signal = catch_stop_signals(cleanup)
         stats = RunningStats(device)
@@ -611,11 +705,15 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
 def cli(argv: list[str] | None = None) -> Path | None:
     """The command line: a user's error is one line and exit status 1, anything else a traceback."""
+    previous = {s: signal.signal(s, stop_before_first_step) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with config.user_errors():
             return main(*config.parse(TrainConfig, argv))
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
         raise SystemExit(130) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ class RunPaths:
         return self.root / "eval.jsonl"
 
     @property
+    def rolled_back(self) -> Path:  # train.py --rollback moves an abandoned history here, never deleting it
+        return self.root / "rolled-back"
+
+    @property
     def lock(self) -> Path:  # held by the live trainer (lock_run)
         return self.root / ".lock"
 
@@ -152,6 +156,40 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
     if path.exists():
         kept = [r for r in read_metrics(path) if r["step"] <= step]
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step in a checkpoint's file name (step-NNNNNNNN.pt), None for other names (best-fid.pt)."""
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def roll_back(run: RunPaths, step: int) -> Path | None:
+    """Move what the run folder holds after `step` aside, into RUN/rolled-back/after-step-NNNNNNNN-TIME/ (never
+    deleted): the later checkpoints (and best-fid.pt when it is later), the later sample grids and metrics.jsonl's
+    later records, so that the folder again holds one history, up to `step`. Returns the folder, or None when
+    nothing came after `step`."""
+    later = [p for p in list_checkpoints(run.root) if checkpoint_step(p) > step]
+    grids = sorted(p for p in run.samples.glob("step-*.png") if int(p.stem.split("-")[1]) > step) \
+        if run.samples.is_dir() else []
+    records = [r for r in read_metrics(run.metrics) if r["step"] > step]
+    best_later = run.best_fid.is_file() and load_checkpoint(run.best_fid)["step"] > step
+    if not (later or grids or records or best_later):
+        return None
+    aside = run.rolled_back / f"after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    (aside / "checkpoints").mkdir(parents=True)
+    # The records first (a copy), so that a kill at any point loses nothing; then the files, each by a rename.
+    if records:
+        atomic_write(aside / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+        trim_metrics(run.metrics, step)
+    for p in later + ([run.best_fid] if best_later else []):
+        os.replace(p, aside / "checkpoints" / p.name)
+    if grids:
+        (aside / "samples").mkdir()
+        for p in grids:
+            os.replace(p, aside / "samples" / p.name)
+    fsync_dir(aside)
+    return aside
 
 
 class CheckpointError(UserError, RuntimeError):
