@@ -114,6 +114,7 @@ def check_config(cfg: SampleConfig) -> None:
     config.check(cfg)
     if not Path(cfg.ckpt).exists():
         raise SampleError(f"{cfg.ckpt}: no such checkpoint file or run folder")
+    attr_values(cfg.attrs)  # the spec's own mistakes, before the model is loaded (its names are checked after)
 
 
 def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
@@ -143,17 +144,30 @@ def parse_attrs(spec: str, loaded: LoadedModel) -> torch.Tensor | None:
     if len(names) != cond_dim:
         raise SampleError(f"{loaded.source}: the checkpoint names {len(names)} attributes for cond_dim {cond_dim}")
     vec = torch.full((cond_dim,), -1.0 if loaded.free_attributes else 0.0)
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        name, value = name.strip(), value.strip()
-        if not sep or value not in ("0", "1"):
-            raise SampleError(f"--attrs: expected NAME=0 or NAME=1, got {item.strip()!r}")
+    for name, value in attr_values(spec).items():
         if name not in names:
             raise SampleError(f"--attrs: unknown attribute {name!r}; valid names: {', '.join(names)}")
         vec[names.index(name)] = float(value)
     return vec
+
+
+def attr_values(spec: str) -> dict[str, str]:
+    """"Smiling=1, Eyeglasses=0" -> {"Smiling": "1", "Eyeglasses": "0"}, checked without the model: each item NAME=0
+    or NAME=1, each name once (Smiling=1,Smiling=0 asks for both), at least one name in a spec that is not blank."""
+    values: dict[str, str] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue  # "Smiling=1," : a stray comma
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or value not in ("0", "1"):
+            raise SampleError(f"--attrs: expected NAME=0 or NAME=1, got {item.strip()!r}")
+        if name in values:
+            raise SampleError(f"--attrs: {name} is named twice ({name}={values[name]} and {name}={value}); "
+                              f"name each attribute once")
+        values[name] = value
+    if spec.strip() and not values:
+        raise SampleError(f"--attrs {spec!r}: names no attribute; leave --attrs out for every attribute free")
+    return values
 
 
 def sweep_rows(cfg: SampleConfig, loaded: LoadedModel) -> list[tuple[str, SampleConfig]]:
@@ -175,7 +189,10 @@ def sweep_rows(cfg: SampleConfig, loaded: LoadedModel) -> list[tuple[str, Sample
         raise SampleError(f"{loaded.source}: the model has no conditioning; --sweep over attributes needs one")
     base = [item.strip() for item in cfg.attrs.split(",") if item.strip()]
     rows = []
-    for name in (n.strip() for n in spec.split(",")):
+    names = [n.strip() for n in spec.split(",")]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise SampleError(f"--sweep: {name} is named twice; name each attribute once")
         if name not in loaded.attributes:
             raise SampleError(f"--sweep: unknown attribute {name!r}; valid names: {', '.join(loaded.attributes)}")
         others = [item for item in base if item.partition("=")[0].strip() != name]
