@@ -30,6 +30,10 @@ they always did: an attribute left out is 0 (absent), and no --attrs is the lear
 Sweep grid (`--sweep`): the same starting noise in every column, one row per setting: "Eyeglasses,Smiling" gives rows
 Eyeglasses=0, free, =1 then Smiling=0, free, =1 (on top of --attrs; no "free" row for two-state models);
 "guidance=1,3,5" gives one row per guidance scale with --attrs. Each row is labelled on the left.
+
+Checks. What cannot work is one line naming the flag, before any sampling: an attribute named twice in --attrs, more
+--steps than the model has, a grid (--n, a --sweep, a --trajectory) or a batch (--batch-size) whose images cannot fit
+in the memory available (check_memory's estimate; --outdir holds one batch at a time, so it takes any --n).
 """
 from __future__ import annotations
 
@@ -118,14 +122,69 @@ def check_config(cfg: SampleConfig) -> None:
 
 
 def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
-    """Reject what the loaded model cannot take (more steps than its timesteps, attributes, a --sweep), before any
-    sampling."""
+    """Reject what the loaded model cannot take (more steps than its timesteps, attributes, a --sweep) and pictures
+    that cannot fit in memory, before any sampling."""
     timesteps = loaded.diffusion.num_timesteps
     if cfg.steps > timesteps:
         raise SampleError(f"--steps {cfg.steps}: the model has {timesteps} timesteps; choose 1..{timesteps}")
     parse_attrs(cfg.attrs, loaded)
-    if cfg.sweep:
-        sweep_rows(cfg, loaded)
+    rows = len(sweep_rows(cfg, loaded)) if cfg.sweep else 0
+    device = next(loaded.model.parameters()).device
+    gpu_free = None
+    if device.type == "cuda":  # what the driver has free, plus what PyTorch's cache holds unused
+        gpu_free = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                    - torch.cuda.memory_allocated(device))
+    check_memory(cfg, loaded.image_size, loaded.channels, sweep_rows=rows, gpu_free=gpu_free)
+
+
+def check_memory(cfg: SampleConfig, image_size: int, channels: int, sweep_rows: int = 0,
+                 available: int | None = None, gpu_free: int | None = None) -> None:
+    """Refuse, before anything is allocated, pictures that cannot fit in memory: one line naming the flag to change.
+
+    Estimates in float32 images of channels x image_size^2 (4 bytes a value; uint8 pictures 1 byte):
+    - a batch: the sampler's own tensors, ~8 batches (x_t, its noise, the model's output, the predictions; twice
+      that with guidance), not counting the network's activations; on the GPU (gpu_free) when sampling there;
+    - a grid (--out, or a --sweep of sweep_rows rows of --n) or a --trajectory strip (rows x 9): all its images at
+      once, 4 times in float32 at the peak (the images, to_uint8's two temporaries, the allocator's slack) and twice
+      in uint8 (the pictures and the grid), plus the batch when it is sampled in RAM. --outdir writes image by
+      image: a batch only.
+    available: bytes of RAM free for us (default psutil's available memory); gpu_free: bytes free on the GPU, or
+    None when sampling on the CPU.
+    """
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+
+    def size(nbytes: float) -> str:
+        for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+            if nbytes >= scale or unit == "MB":
+                return f"{nbytes / scale:,.0f} {unit}" if nbytes >= 10 * scale else f"{nbytes / scale:.1f} {unit}"
+
+    values = channels * image_size * image_size
+    grid_bytes = values * (4 * 4 + 2 * 1)  # per image of a grid held whole
+    batch_bytes = values * 4 * 8 * (2 if cfg.guidance != 1 else 1)  # per image of a batch being sampled
+    batch = min(cfg.batch_size, cfg.n)
+    px = f"{image_size}x{image_size}"
+    checks = [("--batch-size", cfg.batch_size, f"a batch of {batch:,} {px} images", batch * batch_bytes,
+               "use a smaller --batch-size", gpu_free is not None)]
+    in_ram = 0 if gpu_free is not None else batch * batch_bytes
+    if cfg.out and cfg.sweep:
+        checks.append(("--n", cfg.n, f"a --sweep grid of {sweep_rows} rows of {cfg.n:,} {px} images",
+                       sweep_rows * cfg.n * grid_bytes + in_ram, "use a smaller --n", False))
+    elif cfg.out:
+        checks.append(("--n", cfg.n, f"a grid of {cfg.n:,} {px} images", cfg.n * grid_bytes + in_ram,
+                       "use --outdir or a smaller --n", False))
+    if cfg.trajectory:
+        rows = min(cfg.trajectory_rows, cfg.batch_size)
+        checks.append(("--trajectory-rows", cfg.trajectory_rows, f"a --trajectory strip of {rows:,} x 9 {px} images",
+                       rows * 9 * grid_bytes + (0 if gpu_free is not None else rows * batch_bytes),
+                       "use a smaller --trajectory-rows", False))
+    for flag, value, what, need, advice, on_gpu in checks:
+        have, where = (gpu_free, "the GPU") if on_gpu else (available, "this machine")
+        if need > have:
+            raise SampleError(f"{flag} {value}: {what} needs ~{size(need)}, {where} has {size(have)} available; "
+                              f"{advice}")
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -402,6 +461,7 @@ def main(cfg: SampleConfig) -> list[Path]:
         images = sample_n(loaded, cfg)
         with os_errors_as_write_error(cfg.out):
             wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
+        del images  # not held through --outdir and --trajectory (check_memory counts each part alone)
     if cfg.outdir:
         made = write_outdir(loaded, cfg, cfg.outdir)
         console.print(f"{cfg.outdir}: made {made} images, {cfg.n - made} were already there")
