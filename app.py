@@ -13,7 +13,10 @@ the gallery. The checkpoint dropdown lists the run's checkpoints and switches be
 
 Local and offline: no share link, no analytics, no fonts or scripts from outside (system fonts only); the server
 listens on --host (127.0.0.1: this machine only). A bad checkpoint, a setting the model cannot take or running out of
-memory is one line on the page, and the server keeps running. Gradio is imported here only (`pip install -e .[app]`).
+memory is one line on the page, and the server keeps running. Ctrl-C or SIGTERM stops it: a Generate under way is
+abandoned at its next step, and the temporary folder of generated PNGs (ddpm-app-PID-*) is removed; the folders of
+app.py processes that were killed are removed at the next start. Gradio is imported here only
+(`pip install -e .[app]`).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -34,7 +38,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from rich.console import Console
@@ -49,6 +53,7 @@ from utills import (
     CheckpointError,
     CheckpointWarning,
     LoadedModel,
+    _pid_alive,
     list_checkpoints,
     load_model,
     pick_device,
@@ -65,6 +70,7 @@ KEEP_GENERATIONS = 8  # folders of generated PNGs kept on disk (the page only sh
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica", "Arial",
                 "sans-serif"]  # no Google fonts: the page must load offline
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
+WORKDIR_PREFIX = "ddpm-app-"  # the generated PNGs: TMPDIR/ddpm-app-PID-XXXXXXXX, removed at exit
 
 
 @dataclass
@@ -242,11 +248,12 @@ def loss_picture(run: Path | None, workdir: Path) -> str | None:
 class CurrentModel:
     """The one loaded model (the last checkpoint asked for), shared by every page; a lock keeps one user of it."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, stopping: threading.Event | None = None):
         self.device = device
         self.key: tuple | None = None
         self.loaded: LoadedModel | None = None
         self.lock = threading.Lock()
+        self.stopping = stopping or threading.Event()  # set when the app stops: a Generate under way gives up
 
     def get(self, path: str, ema: bool) -> LoadedModel:
         """The model of checkpoint `path` (reloaded when the file changed); CheckpointError for a bad file."""
@@ -291,12 +298,16 @@ def sample_command(scfg: SampleConfig) -> str:
 
 
 @contextlib.contextmanager
-def counting_steps(model: torch.nn.Module, total: int, report: Callable[[int, int], None]):
-    """Call report(done, total) at each forward of the model (one per sampling step and batch): the page's progress."""
+def counting_steps(model: torch.nn.Module, total: int, report: Callable[[int, int], None],
+                   stopping: threading.Event | None = None):
+    """Call report(done, total) at each forward of the model (one per sampling step and batch): the page's progress.
+    Once `stopping` is set, the next forward raises AppError instead (the app is stopping: no sampling for minutes)."""
     done = 0
 
     def hook(module, args):
         nonlocal done
+        if stopping is not None and stopping.is_set():
+            raise AppError("app.py is stopping: this Generate was abandoned")
         done += 1
         report(min(done, total), total)
 
@@ -321,7 +332,8 @@ def generate(current: CurrentModel, app_cfg: AppConfig, workdir: Path, values: d
     scfg = SampleConfig(ckpt=values["ckpt"], n=n, batch_size=app_cfg.batch_size, sampler=values["sampler"],
                         steps=int(values["steps"]), eta=float(values["eta"]), seed=int(values["seed"]),
                         ema=bool(values["ema"]), device=app_cfg.device, threads=app_cfg.threads,
-                        precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]))
+                        precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]),
+                        out="grid.png", trajectory="trajectory.png" if values["trajectory"] else "")  # for check_memory
     check_config(scfg)
     with current.lock:
         set_threads(app_cfg.threads)  # this runs on one of the server's threads, where --threads was not set
@@ -331,7 +343,7 @@ def generate(current: CurrentModel, app_cfg: AppConfig, workdir: Path, values: d
         out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{time.strftime('%H%M%S')}-seed{scfg.seed}-"))
         total = scfg.steps * (len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
         started = time.perf_counter()
-        with counting_steps(loaded.model, total, report):
+        with counting_steps(loaded.model, total, report, current.stopping):
             # The code path of `sample.py --out`: sample_n, then save_grid with grid_columns(n) columns.
             images = sample_n(loaded, scfg)
             grid = save_grid(images, out / "grid.png", nrow=grid_columns(n), padding=2)
@@ -380,8 +392,10 @@ CSS = """
 """
 
 
-def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any, Any]:
-    """The Gradio Blocks of the app and its theme (gradio is imported here, and only here)."""
+def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
+               stopping: threading.Event | None = None) -> tuple[Any, Any]:
+    """The Gradio Blocks of the app and its theme (gradio is imported here, and only here); once `stopping` is set, a
+    Generate under way gives up at its next step."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before the import: no telemetry, no version check
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -393,7 +407,7 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any
 
     ckpt = Path(cfg.ckpt)
     run = run_folder(ckpt)
-    current = CurrentModel(device)
+    current = CurrentModel(device, stopping)
     first = first_choice(ckpt)
     # The attribute controls are built once, from the checkpoint first shown (every checkpoint of a run has the same).
     names: list[str] = []
@@ -501,26 +515,85 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path) -> tuple[Any
     return page, theme
 
 
+# ------------------------------------------------------------------------------------------------ the server
+
+def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the folders of generated PNGs (ddpm-app-PID-*, in the temp dir) that app.py processes killed before
+    their cleanup left behind: those whose PID is gone (utills._pid_alive, as for atomic_write's temporaries), and
+    only this user's. A live process's folder is never touched. Returns the folders removed."""
+    removed = []
+    for path in Path(folder if folder is not None else tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = path.name[len(WORKDIR_PREFIX):].partition("-")[0]
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to look at
+            if (pid.isdigit() and path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
+                    and not _pid_alive(int(pid))):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the app then stops as on Ctrl-C (a KeyboardInterrupt) and cleans up."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """In the block, SIGTERM (how services are stopped) raises Terminated in the main thread, so that the server is
+    closed and the finally blocks and atexit handlers run; its default action ends the process with none of that, and
+    Gradio installs no handler of its own. The exit status is then 0, as after Ctrl-C. A second SIGTERM ends the
+    process at once (its folder is removed at the next start)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except Terminated:  # before the server was up (after, main's loop takes it)
+        console.print("stopped (SIGTERM)")
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def main(cfg: AppConfig) -> None:
-    """Serve the page until interrupted."""
+    """Serve the page until Ctrl-C or SIGTERM (under sigterm_stops)."""
     check_app_config(cfg)
     set_threads(cfg.threads)
     console.print(f"[bold]app[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
-    workdir = Path(tempfile.mkdtemp(prefix="ddpm-app-"))  # the generated PNGs; removed at exit
+    for old in remove_stale_workdirs():
+        console.print(f"removed {old}, left by an app.py that was killed")
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+    # Removed at exit: after Python has waited for the server's threads, so that no Generate is still writing there.
     atexit.register(shutil.rmtree, workdir, True)
-    page, theme = build_page(cfg, device, workdir)
-    console.print(f"[bold green]serving[/] http://{cfg.host}:{cfg.port} (Ctrl-C stops)")
+    stopping = threading.Event()
+    page, theme = build_page(cfg, device, workdir, stopping)
     page.queue(default_concurrency_limit=1).launch(
         server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
         show_error=False, footer_links=["settings"], allowed_paths=[str(workdir)], mcp_server=False, pwa=False,
-        theme=theme, css=CSS)
+        theme=theme, css=CSS, prevent_thread_lock=True)
+    # A page's open event stream (a Generate under way) would hold uvicorn's shutdown past the 5 s Blocks.close waits
+    # for it, and Gradio's own cleanup (its cached copies of our PNGs) would never run: streams get 2 s.
+    page.server.config.timeout_graceful_shutdown = 2
+    console.print(f"[bold green]serving[/] http://{cfg.host}:{cfg.port} (Ctrl-C or SIGTERM stops)")
+    try:
+        while page.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        console.print(f"stopping ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})")
+    finally:
+        stopping.set()
+        page.close(verbose=False)
+        # Blocks.close waits 5 s for the server's thread; on a loaded machine uvicorn's shutdown (2 s for open
+        # streams, then Gradio's own cleanup) may need longer, and the thread is a daemon: wait for it a while more.
+        page.server.thread.join(timeout=30)
 
 
 def cli(argv: list[str] | None = None) -> None:
-    with config.user_errors():
+    with config.user_errors(), sigterm_stops():
         main(config.parse(AppConfig, sys.argv[1:] if argv is None else argv)[0])
 
 

@@ -13,13 +13,14 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -39,9 +40,13 @@ def chromium() -> str | None:
 # ------------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator:
+def gradio() -> None:
     if importlib.util.find_spec("gradio") is None:
         pytest.skip("gradio is not installed (pip install -r requirements.lock, or pip install -e .[app])")
+
+
+@pytest.fixture(scope="module")
+def browser(gradio) -> Iterator:
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("playwright is not installed (pip install -r requirements.lock)")
     path = chromium()
@@ -62,11 +67,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(ckpt: Path, workdir: Path, *extra: str) -> Iterator[str]:
-    """`python app.py --ckpt CKPT` on a free port until the block ends; yields its URL once it answers."""
+def app_process(ckpt: Path, workdir: Path, *extra: str, env: dict | None = None) -> Iterator[tuple[Any, str, Path]]:
+    """`python app.py --ckpt CKPT` on a free port until the block ends; yields (the process, its URL, its log) once it
+    answers. env: more environment variables."""
     port = free_port()
     log = workdir / f"app-{port}.log"
-    env = {**one_thread_env(), "GRADIO_TEMP_DIR": str(workdir / "gradio")}
+    env = {**one_thread_env(), "GRADIO_TEMP_DIR": str(workdir / "gradio"), **(env or {})}
     cmd = [sys.executable, str(REPO / "app.py"), "--ckpt", str(ckpt), "--port", str(port), "--device", "cpu", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -81,8 +87,7 @@ def serving(ckpt: Path, workdir: Path, *extra: str) -> Iterator[str]:
                         break
             assert time.monotonic() < deadline, f"app.py did not answer in {START_TIMEOUT_S} s:\n{log.read_text()}"
             time.sleep(0.3)
-        yield url
-        assert proc.poll() is None, f"app.py died:\n{log.read_text()[-3000:]}"  # the server stays up through errors
+        yield proc, url, log
     finally:
         proc.terminate()
         try:
@@ -90,6 +95,14 @@ def serving(ckpt: Path, workdir: Path, *extra: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def serving(ckpt: Path, workdir: Path, *extra: str) -> Iterator[str]:
+    """`python app.py --ckpt CKPT` on a free port until the block ends; yields its URL once it answers."""
+    with app_process(ckpt, workdir, *extra) as (proc, url, log):
+        yield url
+        assert proc.poll() is None, f"app.py died:\n{log.read_text()[-3000:]}"  # the server stays up through errors
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +118,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(run: Path, tmp_path_factory: pytest.TempPathFactory, browser) -> Iterator[str]:
+def server(run: Path, tmp_path_factory: pytest.TempPathFactory, gradio) -> Iterator[str]:
     with serving(run, tmp_path_factory.mktemp("app-server")) as url:
         yield url
 
@@ -293,3 +306,65 @@ def test_gradio_is_imported_by_app_only():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env=one_thread_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+def test_stale_workdirs_of_dead_processes_are_removed(tmp_path: Path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        folders = {name: tmp_path / f"{app.WORKDIR_PREFIX}{name}" for name in
+                   (f"{dead.pid}-abc123", f"{os.getpid()}-def456", f"{sleeper.pid}-ghi789", "old")}
+        for folder in folders.values():
+            (folder / "x").mkdir(parents=True)
+            (folder / "x" / "face.png").write_bytes(b"png")
+        (tmp_path / f"{app.WORKDIR_PREFIX}{dead.pid}-file").write_text("not a folder of ours")
+        assert app.remove_stale_workdirs(tmp_path) == [folders[f"{dead.pid}-abc123"]]
+        assert not folders[f"{dead.pid}-abc123"].exists()
+        for name in (f"{os.getpid()}-def456", f"{sleeper.pid}-ghi789", "old"):  # live processes', and no pid: kept
+            assert (folders[name] / "x" / "face.png").is_file(), name
+        assert (tmp_path / f"{app.WORKDIR_PREFIX}{dead.pid}-file").is_file()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_sigterm_stops_the_app_and_removes_its_pngs(browser, run: Path, tmp_path: Path):
+    """SIGTERM (how services are stopped) takes the path of Ctrl-C: a Generate under way is abandoned, the server
+    closes (Gradio deletes its cached copies), the folder of generated PNGs goes, and the exit status is 0. At start,
+    the folder of an app.py that was killed (its pid gone) is removed, a live process's kept."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = temp / f"{app.WORKDIR_PREFIX}{dead.pid}-stale000"
+    live = temp / f"{app.WORKDIR_PREFIX}{os.getpid()}-live0000"  # this test's own pid: alive
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "grid.png").write_bytes(b"png")
+    with app_process(run, tmp_path, env={"TMPDIR": str(temp)}) as (proc, url, log):
+        assert not stale.exists() and (live / "grid.png").is_file()
+        (workdir,) = temp.glob(f"{app.WORKDIR_PREFIX}{proc.pid}-*")
+        page = open_page(browser, url)
+        line = generate(page, n=2, steps=2)
+        assert line.startswith("2 faces"), line
+        assert list(workdir.rglob("*.png")), "no PNG in the app's folder after Generate"
+        assert list((tmp_path / "gradio").rglob("*.png")), "no PNG in Gradio's cache after Generate"
+        # A long Generate, under way when SIGTERM comes.
+        set_number(page, "steps", 1000)
+        page.click("#generate")
+        deadline = time.monotonic() + GENERATE_TIMEOUT_MS / 1000
+        while log.read_text().count("generate {") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=120)
+        text = log.read_text()
+        page.close()
+    assert status == 0, f"exit status {status}:\n{text[-3000:]}"
+    assert "stopping (SIGTERM)" in text and "this Generate was abandoned" in text, text[-3000:]
+    assert not workdir.exists(), sorted(p.name for p in workdir.rglob("*"))
+    assert not list((tmp_path / "gradio").rglob("*.png"))  # Gradio's copies too: its shutdown ran
+    assert (live / "grid.png").is_file()
