@@ -105,12 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     run = run_paths(cfg.out)
     if run.root.exists() and any(run.root.iterdir()):
         raise SystemExit(f"error: --out {cfg.out}: not empty (the check needs a run that starts from scratch)")
-    run.root.mkdir(parents=True, exist_ok=True)
+    # The logs go beside the run folder: train.py takes only an empty folder or a run of its own as --out.
+    logs = run.root.with_name(run.root.name + "-logs")
+    logs.mkdir(parents=True, exist_ok=True)
     cmd = train_command(cfg)
     print("$", " ".join(cmd), flush=True)
 
     # The first run, stopped by SIGTERM half-way.
-    rc1, signalled, seconds1 = first_run(cmd, cfg, run.root / "first.log")
+    rc1, signalled, seconds1 = first_run(cmd, cfg, logs / "first.log")
     checkpoints = list_checkpoints(run.root)
     stop_step = int(checkpoints[-1].stem.split("-")[1]) if checkpoints else None
     first_records = read_metrics(run.metrics)
@@ -120,9 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=cfg.timeout_s,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seconds2 = time.perf_counter() - t0
-    (run.root / "second.log").write_text(second.stdout + second.stderr)
+    (logs / "second.log").write_text(second.stdout + second.stderr)
     records = read_metrics(run.metrics)
-    first_log = (run.root / "first.log").read_text()
+    first_log = (logs / "first.log").read_text()
 
     before = [r for r in records if stop_step is not None and r["step"] <= stop_step]
     after = [r for r in records if stop_step is not None and r["step"] > stop_step]
