@@ -148,7 +148,8 @@ def choose(page, elem_id: str, option: str) -> None:
 
 
 def status(page) -> str:
-    return page.inner_text("#status").strip()
+    """The status line's text (not Gradio's progress overlay, "0.1s loading - 0.0%", that may still cover it)."""
+    return page.inner_text("#status .status-line").strip()
 
 
 def serial(page) -> str:
@@ -365,6 +366,7 @@ def test_sigterm_stops_the_app_and_removes_its_pngs(browser, run: Path, tmp_path
         page.close()
     assert status == 0, f"exit status {status}:\n{text[-3000:]}"
     assert "stopping (SIGTERM)" in text and "this Generate was abandoned" in text, text[-3000:]
-    assert not workdir.exists(), sorted(p.name for p in workdir.rglob("*"))
-    assert not list((tmp_path / "gradio").rglob("*.png"))  # Gradio's copies too: its shutdown ran
+    assert not workdir.exists(), (sorted(p.name for p in workdir.rglob("*")), text[-3000:])
+    left = list((tmp_path / "gradio").rglob("*.png"))  # Gradio's copies too: its shutdown ran
+    assert not left, (left, text[-3000:])
     assert (live / "grid.png").is_file()
