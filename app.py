@@ -12,11 +12,12 @@ prints that sample.py command. Each face is also its own PNG (the bytes of `samp
 the gallery. The checkpoint dropdown lists the run's checkpoints and switches between them without a restart.
 
 Local and offline: no share link, no analytics, no fonts or scripts from outside (system fonts only); the server
-listens on --host (127.0.0.1: this machine only). A bad checkpoint, a setting the model cannot take or running out of
-memory is one line on the page, and the server keeps running. Ctrl-C or SIGTERM stops it: a Generate under way is
-abandoned at its next step, and the temporary folder of generated PNGs (ddpm-app-PID-*) is removed; the folders of
-app.py processes that were killed are removed at the next start. Gradio is imported here only
-(`pip install -e .[app]`).
+listens on --host (127.0.0.1: this machine only). A request from a page of another site (its Origin header) is refused,
+and so, on 127.0.0.1, is one addressed to another host name (DNS rebinding); uploads are capped (the page takes none).
+A bad checkpoint, a setting the model cannot take or running out of memory is one line on the page, and the server
+keeps running. Ctrl-C or SIGTERM stops it: a Generate under way is abandoned at its next step, and the temporary
+folder of generated PNGs (ddpm-app-PID-*) is removed; the folders of app.py processes that were killed are removed at
+the next start. Gradio is imported here only (`pip install -e .[app]`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import atexit
 import contextlib
 import dataclasses
 import html
+import ipaddress
 import itertools
 import math
 import os
@@ -35,6 +37,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +74,7 @@ SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Robo
                 "sans-serif"]  # no Google fonts: the page must load offline
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
 WORKDIR_PREFIX = "ddpm-app-"  # the generated PNGs: TMPDIR/ddpm-app-PID-XXXXXXXX, removed at exit
+MAX_UPLOAD = "1mb"  # Gradio's upload route cannot be turned off, only capped: the page itself takes no uploads
 
 
 @dataclass
@@ -517,6 +521,62 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
 
 # ------------------------------------------------------------------------------------------------ the server
 
+def is_loopback(name: str | None) -> bool:
+    """Whether a host name or address is this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if name is not None and name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name or "").is_loopback
+    except ValueError:
+        return False
+
+
+def request_refusal(host: str | None, origin: str | None, loopback: bool) -> str | None:
+    """Why the app refuses a request, or None. An Origin that is not the app's own address is a page of another site
+    sending it (a form or a script: CSRF); while the app listens on loopback only, a Host that is not a loopback name
+    is another site's name resolved to 127.0.0.1 (DNS rebinding). Gradio itself only withholds the CORS header from
+    those: the request still runs, so a page elsewhere could upload files or start Generates."""
+    try:
+        name = urllib.parse.urlsplit(f"//{host or ''}").hostname
+    except ValueError:  # a malformed Host ("[::1")
+        name = None
+    if loopback and not is_loopback(name):
+        return f"Host {host!r}: this app answers to 127.0.0.1 and localhost only"
+    if origin is not None:
+        try:
+            own = urllib.parse.urlsplit(origin).netloc.lower() == (host or "").lower()
+        except ValueError:
+            own = False
+        if not own:
+            return f"Origin {origin!r}: requests from pages of other sites are refused"
+    return None
+
+
+class OriginCheck:
+    """ASGI middleware in front of every route of the Gradio app: a request that request_refusal refuses gets 403 and
+    its one line, before any of Gradio's code (an upload, a queue join) runs."""
+
+    def __init__(self, app: Callable, loopback: bool):
+        self.app, self.loopback = app, loopback
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            reason = request_refusal(headers.get("host"), headers.get("origin"), self.loopback)
+            if reason is not None:
+                console.print(f"[yellow]refused[/] {scope.get('method', 'websocket')} {scope['path']}: {reason}")
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})  # policy violation (403 before accept)
+                    return
+                body = (reason + "\n").encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[Path]:
     """Remove the folders of generated PNGs (ddpm-app-PID-*, in the temp dir) that app.py processes killed before
     their cleanup left behind: those whose PID is gone (utills._pid_alive, as for atomic_write's temporaries), and
@@ -571,10 +631,14 @@ def main(cfg: AppConfig) -> None:
     atexit.register(shutil.rmtree, workdir, True)
     stopping = threading.Event()
     page, theme = build_page(cfg, device, workdir, stopping)
+    from starlette.middleware import Middleware  # installed with gradio
+
     page.queue(default_concurrency_limit=1).launch(
         server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
         show_error=False, footer_links=["settings"], allowed_paths=[str(workdir)], mcp_server=False, pwa=False,
-        theme=theme, css=CSS, prevent_thread_lock=True)
+        theme=theme, css=CSS, prevent_thread_lock=True, max_file_size=MAX_UPLOAD, strict_cors=True,
+        num_workers=0,  # no static-file worker processes: they would serve without OriginCheck
+        app_kwargs={"middleware": [Middleware(OriginCheck, loopback=is_loopback(cfg.host))]})
     # A page's open event stream (a Generate under way) would hold uvicorn's shutdown past the 5 s Blocks.close waits
     # for it, and Gradio's own cleanup (its cached copies of our PNGs) would never run: streams get 2 s.
     page.server.config.timeout_graceful_shutdown = 2

@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -310,6 +312,80 @@ def test_gradio_is_imported_by_app_only():
 
 
 # ------------------------------------------------------------------------------------------------ the server
+
+def request(url: str, path: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, str]:
+    """(status, body) of a GET (or a POST of data) to the app, with these headers."""
+    req = urllib.request.Request(url + path, data=data, headers=headers or {}, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def multipart(filename: str, content: bytes) -> tuple[bytes, dict]:
+    """A multipart/form-data body with one file in the field "files" (Gradio's upload route) and its header."""
+    boundary = "ddpm-test-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    body = head + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_request_refusal_rules():
+    own = "127.0.0.1:7860"
+    for host, origin in [(own, None), (own, "http://127.0.0.1:7860"), ("localhost:7860", "http://localhost:7860"),
+                         ("[::1]:7860", "http://[::1]:7860"), ("127.0.0.2:80", None)]:
+        assert app.request_refusal(host, origin, loopback=True) is None, (host, origin)
+    for host, origin, words in [
+        (own, "http://evil.example", "Origin 'http://evil.example': requests from pages of other sites are refused"),
+        (own, "null", "Origin 'null'"),  # a sandboxed frame or a file:// page
+        (own, "http://127.0.0.1:8000", "Origin 'http://127.0.0.1:8000'"),  # another port is another site
+        ("evil.example:7860", "http://evil.example:7860", "Host 'evil.example:7860': this app answers to 127.0.0.1"),
+        ("[::1", None, "Host '[::1'"),
+        (None, None, "Host None"),
+    ]:
+        assert app.request_refusal(host, origin, loopback=True).startswith(words), (host, origin)
+    # --host 0.0.0.0: any host name reaches it; the Origin must still be the app's own address.
+    assert app.request_refusal("192.168.1.5:7860", "http://192.168.1.5:7860", loopback=False) is None
+    assert app.request_refusal("192.168.1.5:7860", "http://evil.example", loopback=False).startswith("Origin ")
+    assert [app.is_loopback(h) for h in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "example.org", None)] == \
+        [True, True, True, False, False, False]
+
+
+def test_requests_from_other_sites_are_refused(server: str):
+    """Gradio alone only withholds the CORS header from another origin (the upload or the queue join still runs);
+    app.py's OriginCheck answers 403 before any of Gradio's code."""
+    port = urllib.parse.urlsplit(server).port
+    body, headers = multipart("from-elsewhere.bin", b"x" * 100)
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{port + 1}"):
+        status, text = request(server, "gradio_api/upload", body, {**headers, "Origin": origin})
+        assert status == 403 and text.strip() == f"Origin {origin!r}: requests from pages of other sites are refused", \
+            (status, text)
+    status, text = request(server, "gradio_api/queue/join", b"{}", {"Content-Type": "application/json",
+                                                                    "Origin": "http://evil.example"})
+    assert status == 403, (status, text)
+    # DNS rebinding: another site's name resolved to 127.0.0.1, its page same-origin with itself.
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    for path, data in (("", None), ("config", None), ("gradio_api/upload", body)):
+        status, text = request(server, path, data, {**headers, **rebound} if data else rebound)
+        assert status == 403 and text.startswith(f"Host 'evil.example:{port}'"), (path, status, text)
+    # The app's own page: its address as Origin and Host.
+    status, text = request(server, "config", headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert status == 200 and '"version"' in text, (status, text[:200])
+    status, text = request(server, "config", headers={"Host": f"localhost:{port}"})
+    assert status == 200, (status, text[:200])
+
+
+def test_uploads_are_capped(server: str):
+    """Gradio's upload route cannot be switched off (the page takes no uploads); max_file_size caps it at 1 MB."""
+    body, headers = multipart("small.bin", b"x" * 1000)
+    status, text = request(server, "gradio_api/upload", body, headers)
+    assert status == 200 and "small.bin" in text, (status, text)  # the route is there: the cap is what refuses
+    body, headers = multipart("big.bin", b"x" * 2_000_000)
+    status, text = request(server, "gradio_api/upload", body, headers)
+    assert status == 413 and "maximum allowed size" in text, (status, text)
+
 
 def test_stale_workdirs_of_dead_processes_are_removed(tmp_path: Path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
