@@ -56,10 +56,10 @@ from utills import (
     CheckpointError,
     CheckpointWarning,
     LoadedModel,
-    _pid_alive,
     list_checkpoints,
     load_model,
     pick_device,
+    pid_alive,
     read_metrics,
     resolve_checkpoint,
     run_paths,
@@ -579,14 +579,14 @@ class OriginCheck:
 
 def remove_stale_workdirs(folder: str | os.PathLike | None = None) -> list[Path]:
     """Remove the folders of generated PNGs (ddpm-app-PID-*, in the temp dir) that app.py processes killed before
-    their cleanup left behind: those whose PID is gone (utills._pid_alive, as for atomic_write's temporaries), and
+    their cleanup left behind: those whose PID is gone (utills.pid_alive, as for atomic_write's temporaries), and
     only this user's. A live process's folder is never touched. Returns the folders removed."""
     removed = []
     for path in Path(folder if folder is not None else tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
         pid = path.name[len(WORKDIR_PREFIX):].partition("-")[0]
         with contextlib.suppress(OSError):  # gone meanwhile, or not ours to look at
             if (pid.isdigit() and path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
-                    and not _pid_alive(int(pid))):
+                    and not pid_alive(int(pid))):
                 shutil.rmtree(path)
                 removed.append(path)
     return removed

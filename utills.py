@@ -239,7 +239,8 @@ def atomic_save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, save, before_replace=_pause_before_rename)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (ours or another user's): its temporary files and folders are not stale."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -255,7 +256,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str) -> list[Pa
     removed = []
     for tmp in Path(folder).glob(pattern):
         pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
