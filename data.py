@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import gc
 import math
 import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
 import os
@@ -554,6 +555,11 @@ class TorchLoader(Loader):
         return order, flips
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        if self._loader.num_workers and self._loader._iterator is None:
+            # Workers are about to be forked: collect garbage here first. A DALI pipeline left to the collector and
+            # collected in a forked child (threading's after-fork hook can run the collector) waits forever in its
+            # __del__ for DALI threads that do not exist there, and that worker never delivers a batch.
+            gc.collect()
         batches = iter(self._loader)
         if self._loader.num_workers:
             _ITERATORS.add(batches)
