@@ -67,7 +67,6 @@ from utills import (
     TrainState,
     autocast,
     capture_rng,
-    checkpoint_step,
     find_latest,
     list_checkpoints,
     load_checkpoint,
@@ -84,6 +83,7 @@ from utills import (
     run_paths,
     save_checkpoint,
     set_threads,
+    step_in_name,
     this_rank,
     trim_metrics,
     weights_digest,
@@ -329,7 +329,7 @@ def find_resume(cfg: TrainConfig, run: RunPaths, log: RunLog, is_main: bool) -> 
                 raise ConfigError(f"--resume {path}: --out {run.root} already holds checkpoints of its own run (up "
                                   f"to {own[-1].name}); to branch from {path}, give a new or empty --out")
             return path, ckpt
-        later = [p for p in own if checkpoint_step(p) > ckpt["step"]]
+        later = [p for p in own if step_in_name(p) > ckpt["step"]]
         if later and not cfg.rollback:
             raise ConfigError(f"--resume {path}: {run.checkpoints} holds {len(later)} later checkpoint(s) of this "
                               f"run (up to {later[-1].name}) that going back to step {ckpt['step']} would abandon; "

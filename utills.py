@@ -44,7 +44,7 @@ from unet import UNet
 FORMAT_VERSION = 1
 # Keys every consumer (train.py resume, sample.py, evaluate.py) reads.
 REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_config")
-CHECKPOINT_RE = re.compile(r"^step-(\d{8,})\.pt$")
+STEP_FILE_RE = re.compile(r"^step-(\d{8,})\.(pt|png)$")  # a checkpoint (checkpoints/) or a sample grid (samples/)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Test hooks: environment variables read here and nowhere else, so that they stay out of every config, --help and
@@ -158,9 +158,10 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step in a checkpoint's file name (step-NNNNNNNN.pt), None for other names (best-fid.pt)."""
-    m = CHECKPOINT_RE.match(Path(path).name)
+def step_in_name(path: str | os.PathLike) -> int | None:
+    """The step in the name of a checkpoint or sample grid (step-NNNNNNNN.pt / .png); None for other names
+    (best-fid.pt)."""
+    m = STEP_FILE_RE.match(Path(path).name)
     return int(m.group(1)) if m else None
 
 
@@ -169,8 +170,8 @@ def roll_back(run: RunPaths, step: int) -> Path | None:
     deleted): the later checkpoints (and best-fid.pt when it is later), the later sample grids and metrics.jsonl's
     later records, so that the folder again holds one history, up to `step`. Returns the folder, or None when
     nothing came after `step`."""
-    later = [p for p in list_checkpoints(run.root) if checkpoint_step(p) > step]
-    grids = sorted(p for p in run.samples.glob("step-*.png") if int(p.stem.split("-")[1]) > step) \
+    later = [p for p in list_checkpoints(run.root) if step_in_name(p) > step]
+    grids = sorted(p for p in run.samples.glob("step-*.png") if (step_in_name(p) or -1) > step) \
         if run.samples.is_dir() else []
     records = [r for r in read_metrics(run.metrics) if r["step"] > step]
     best_later = run.best_fid.is_file() and load_checkpoint(run.best_fid)["step"] > step
@@ -324,7 +325,8 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
         folder = run_dir
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_file()]
+    found = [(s, p) for p in folder.iterdir()
+             if p.suffix == ".pt" and (s := step_in_name(p)) is not None and p.is_file()]
     return [p for _, p in sorted(found)]
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 from bench import common  # noqa: E402
-from utills import list_checkpoints, read_metrics, run_paths  # noqa: E402
+from utills import list_checkpoints, read_metrics, run_paths, step_in_name  # noqa: E402
 
 
 @dataclass
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The first run, stopped by SIGTERM half-way.
     rc1, signalled, seconds1 = first_run(cmd, cfg, logs / "first.log")
     checkpoints = list_checkpoints(run.root)
-    stop_step = int(checkpoints[-1].stem.split("-")[1]) if checkpoints else None
+    stop_step = step_in_name(checkpoints[-1]) if checkpoints else None
     first_records = read_metrics(run.metrics)
 
     # The same command again: it must resume from the stop's checkpoint and finish.
