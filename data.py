@@ -1,24 +1,25 @@
 """Stream the shards of prepare_shards.py as training batches: a DALI pipeline or a plain PyTorch one.
 
     loader = make_loader("shards", 256, backend="dali", device="cuda", dtype=torch.float16)
-    for batch in loader:             # one epoch; iterate again for the next, with a new shuffle
+    for batch in loader:             # one epoch; iterate again for the next, in a new order
         x = batch["image"]           # [B, 3, S, S] in [-1, 1], dtype, on device
         a = batch["attr"]            # [B, A] int64 0/1, A = len(loader.attributes) (when the shards have them)
-    ckpt["data_state"] = loader.state_dict()          # plain values and bytes: weights_only-safe
-    make_loader("shards", 256, state=ckpt["data_state"])  # continues with exactly the batches that came next
+    ckpt["data_state"] = loader.state_dict()          # plain values: weights_only-safe, one for all ranks
+    make_loader("shards", 256, state=ckpt["data_state"])  # continues with exactly the samples that came next
 
-Both backends give rank r of W the same contiguous part of the split (DALI's stick_to_shard split: samples
-[floor(r N / W), floor((r+1) N / W)) of the split's samples in manifest order), each sample once per epoch.
+One global sample order, whatever the number of ranks (MosaicML Streaming's idea): epoch e visits the split's
+samples (or the --where subset of them) in the order numpy.random.default_rng([seed, e]).permutation(N), and the
+sample at position p of that order is mirrored when default_rng([seed, e, 1]).random(N)[p] < 0.5. A step takes the
+next world_size x batch_size samples of the order (the global batch); rank r of W takes its contiguous slice of them.
+The position is one pair, (epoch, samples consumed in it), so a loader on any number of ranks, with any batch size,
+continues where another stopped: every sample of an epoch once, none twice. An epoch ends when fewer samples than a
+global batch are left (drop_last) or with one partial batch (drop_last=False: the evaluation readers).
 
-- "dali": fn.readers.webdataset over the tars and their DALI indexes, JPEG decode on the GPU ("mixed") or the CPU,
-  a coin flip and crop_mirror_normalize to CHW. The reader shuffles in a buffer of INITIAL_FILL samples (the
-  shards are already shuffled on disk). The position (reader, shuffle RNG, flip RNG, iterator counters) is DALI's
-  own checkpoint, taken from the iterator.
-- "torch": a global permutation of this rank's samples per epoch from (seed, epoch, rank), flips from
-  (seed, epoch, rank) by position in the epoch; DataLoader workers read each sample by its offset in the DALI
-  index (one pread; Python's tarfile parsing costs as much as the JPEG decode) and decode it with webdataset's PIL
-  image handler. The position is (epoch, batches consumed): a resumed loader skips the consumed batches without
-  reading them. The same samples give the same pixels as DALI's CPU decoder to within 1-2/255.
+- "dali": fn.external_source in DALI's parallel Python workers reads each batch's encoded images and attributes
+  from the tars at the offsets in the DALI `.idx` files (one pread a sample, a stateless callable of the batch
+  number), then DALI decodes them on the GPU ("mixed") or the CPU, mirrors and normalises to CHW.
+- "torch": DataLoader workers do the same reads and decode with webdataset's PIL image handler. The same samples
+  give the same pixels as DALI's CPU decoder to within 1-2/255.
 """
 from __future__ import annotations
 
@@ -42,12 +43,9 @@ import torch
 from config import UserError
 from manifest import MANIFEST, ManifestError, attribute_names, read_manifest, sha256_file
 
-INITIAL_FILL = 4096  # DALI shuffle buffer (encoded samples: ~3 kB each at 64x64, so ~12 MB)
-PREFETCH = 3  # DALI's prefetch_queue_depth: batches prepared ahead
+PREFETCH = 3  # batches DALI prepares ahead (its prefetch_queue_depth, and its Python workers' queue)
 HW_DECODER_LOAD = 0.65  # share of JPEGs for the A100/H100 hardware decoder (DALI's default; untuned here)
 DALI_PIP = "pip install nvidia-dali-cuda130 (CUDA 13 drivers) or nvidia-dali-cuda120 (CUDA 12 drivers)"
-STATE_KEYS = ("backend", "split", "seed", "rank", "world_size", "batch_size", "shuffle", "flip", "drop_last",
-              "num_samples")
 
 
 class DataError(ManifestError):
@@ -114,7 +112,7 @@ def verify_checksums(data_dir: Path, shards: list[dict]) -> None:
 
 
 def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank's [start, stop) of the split's samples: DALI's shard split (readers' start_index)."""
+    """Rank's [start, stop) of `total` samples: the contiguous slice of a global batch each rank takes."""
     return total * rank // world_size, total * (rank + 1) // world_size
 
 
@@ -129,94 +127,259 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loader: epoch and position bookkeeping shared by both backends
+# Where each sample lies, and the subset a --where selects
+
+
+class SampleIndex:
+    """Every sample of a split: its tar, byte range, the offsets of its image and attribute data, and its key.
+
+    Sample i is the i-th of the split in manifest order. Picklable (DALI's workers and DataLoader's get a copy)."""
+
+    def __init__(self, data_dir: Path, shards: list[dict], fmt: str, num_attrs: int):
+        self.fmt, self.num_attrs = fmt, num_attrs
+        self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
+        for shard in shards:
+            idx_path = data_dir / shard["idx"]
+            self.tars.append(str(data_dir / shard["tar"]))
+            lines = idx_path.read_text().splitlines()[1:]
+            for line_no in range(int(shard["count"])):
+                parts = lines[line_no].split() if line_no < len(lines) else []
+                comps = {p[3].rsplit(".", 1)[-1]: (int(p[1]), int(p[2])) for p in
+                         (parts[i:i + 4] for i in range(0, len(parts), 4)) if len(p) == 4 and p[1].isdigit()}
+                if fmt not in comps or (num_attrs and comps.get("attr", (0, 0))[1] != num_attrs):
+                    want = f" or {num_attrs}-byte attr" if num_attrs else ""  # one byte per manifest attribute
+                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}{want} entry: {parts}")
+                begin = min(o for o, _ in comps.values())
+                end = max(o + n for o, n in comps.values())
+                tar_ids.append(len(self.tars) - 1)
+                offsets.append(begin)
+                lengths.append(end - begin)
+                img.append((comps[fmt][0] - begin, comps[fmt][1]))
+                attr.append(comps["attr"][0] - begin if num_attrs else -1)
+                keys.append(parts[3].split(".", 1)[0])
+        self.tar_ids = np.asarray(tar_ids, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.lengths = np.asarray(lengths, np.int64)
+        self.img = np.asarray(img, np.int64).reshape(-1, 2)
+        self.attr = np.asarray(attr, np.int64)
+        self.keys = keys
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}, "_pid": -1}  # file descriptors stay with their process
+
+    def read(self, i: int) -> tuple[bytes, int, str]:
+        """Sample i's bytes (image and attributes), with its tar's index and path; ShardReadError when cut short."""
+        if self._pid != os.getpid():  # descriptors per process (DataLoader workers are forked)
+            self._fds, self._pid = {}, os.getpid()
+        tar = int(self.tar_ids[i])
+        fd = self._fds.get(tar)
+        if fd is None:
+            fd = self._fds[tar] = os.open(self.tars[tar], os.O_RDONLY)
+        length, offset = int(self.lengths[i]), int(self.offsets[i])
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise ShardReadError(f"{self.tars[tar]}: truncated: sample {self.keys[i]} needs bytes {offset}..."
+                                 f"{offset + length}, the file has {os.fstat(fd).st_size}")
+        return data, tar, self.tars[tar]
+
+    def image_bytes(self, data: bytes, i: int) -> memoryview:
+        o, n = self.img[i]
+        return memoryview(data)[o:o + n]
+
+    def attributes(self, data: bytes, i: int) -> np.ndarray:
+        return np.frombuffer(data, np.int8, self.num_attrs, int(self.attr[i]))
+
+    def all_attributes(self) -> np.ndarray:
+        """[N, A] int8: every sample's attributes (one small read each; for --where)."""
+        out = np.empty((len(self), self.num_attrs), np.int8)
+        for i in range(len(self)):
+            out[i] = self.attributes(self.read(i)[0], i)
+        return out
+
+
+def parse_where(where: str, attributes: list[str], source: str = "--where") -> list[tuple[int, int]]:
+    """"Male=0,Eyeglasses=1" -> [(attribute index, wanted value)]; a bad term is one line naming it."""
+    terms = []
+    for term in (t.strip() for t in where.split(",")):
+        name, eq, value = term.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or value not in ("0", "1"):
+            raise DataError(f"{source} {where!r}: {term!r} is not NAME=0 or NAME=1")
+        if name not in attributes:
+            have = ", ".join(attributes) if attributes else "none: the shards have no attributes"
+            raise DataError(f"{source} {where!r}: unknown attribute {name!r} (the shards have: {have})")
+        terms.append((attributes.index(name), int(value)))
+    return terms
+
+
+def select(index: SampleIndex, where: str, attributes: list[str], manifest_path: Path, split: str) -> np.ndarray:
+    """The split's sample numbers that a --where expression keeps (all of them for "")."""
+    if not where.strip():
+        return np.arange(len(index), dtype=np.int64)
+    terms = parse_where(where, attributes)
+    attrs = index.all_attributes()
+    keep = np.ones(len(index), bool)
+    for a, value in terms:
+        keep &= attrs[:, a] == value
+    ids = np.flatnonzero(keep).astype(np.int64)
+    if len(ids) == 0:
+        raise DataError(f"--where {where!r}: no sample of split {split!r} in {manifest_path} matches")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The global order
+
+
+class Order:
+    """The sample order of every epoch and this rank's part of each batch, from (seed, epoch) alone. Picklable.
+
+    ids: the split's sample numbers to visit (all, or a --where subset); N = len(ids).
+    """
+
+    def __init__(self, ids: np.ndarray, *, seed: int, shuffle: bool, flip: bool, batch_size: int, rank: int,
+                 world_size: int, drop_last: bool):
+        self.ids, self.seed, self.shuffle, self.flip = ids, seed, shuffle, flip
+        self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
+        self.global_batch = batch_size * world_size
+        self.num_samples = len(ids)
+        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cached": None}
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's order (sample numbers of the split) and each position's mirror flag."""
+        if self._cached is None or self._cached[0] != epoch:
+            n = self.num_samples
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            flips = np.random.default_rng([self.seed, epoch, 1]).random(n) < 0.5 if self.flip else np.zeros(n, bool)
+            self._cached = (epoch, self.ids[perm], flips)
+        return self._cached[1], self._cached[2]
+
+    def batches_from(self, samples: int) -> int:
+        """Global batches left in an epoch from position `samples` (a partial one counts unless drop_last)."""
+        left = max(0, self.num_samples - samples)
+        return left // self.global_batch if self.drop_last else math.ceil(left / self.global_batch)
+
+    def step(self, samples: int) -> int:
+        """Samples the global batch at position `samples` takes."""
+        return min(self.global_batch, self.num_samples - samples)
+
+    def rank_part(self, epoch: int, samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's samples and flips of the global batch at position `samples` of `epoch`."""
+        order, flips = self.epoch(epoch)
+        lo, hi = rank_range(self.step(samples), self.rank, self.world_size)
+        sl = slice(samples + lo, samples + hi)
+        return order[sl], flips[sl]
+
+    def walk(self, epoch: int, samples: int, n: int) -> tuple[int, int]:
+        """The position n global batches after (epoch, samples), moving into later epochs as they end."""
+        first = self.batches_from(samples)
+        if n < first:
+            return epoch, samples + n * self.global_batch
+        per_epoch = self.batches_from(0)
+        n -= first
+        return epoch + 1 + n // per_epoch, (n % per_epoch) * self.global_batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loader: position bookkeeping shared by both backends
+
+STATE_KEYS = ("order", "split", "seed", "shuffle", "flip", "num_samples", "where")
 
 
 class Loader:
-    """One epoch per iteration over this rank's samples; see the module docstring.
+    """One epoch per iteration, this rank's part of each global batch; see the module docstring.
 
-    Attributes: image_size (S), attributes (names, [] without), num_samples (this rank's samples per epoch),
-    batch_size, drop_last, device, dtype, backend, epoch (the epoch the current or next iteration belongs to).
-    Iterating again after a partial iteration continues the same epoch where it stopped (one iteration at a time).
+    Attributes: image_size (S), attributes (names, [] without), num_samples (N: samples per epoch over all ranks),
+    batch_size (this rank's), global_batch, drop_last, device, dtype, backend, where, epoch (the epoch the current or
+    next iteration belongs to), samples (position in it). Iterating again after a partial iteration continues the same
+    epoch where it stopped (one iteration at a time). len(): global batches of a whole epoch.
     """
 
     backend = ""
 
     def __init__(self, data_dir: Path, manifest: dict, shards: list[dict], batch_size: int, *, split: str,
                  device: torch.device, shuffle: bool, flip: bool, seed: int, rank: int, world_size: int,
-                 dtype: torch.dtype, drop_last: bool, num_threads: int | None):
-        self.data_dir, self.shards, self.split = data_dir, shards, split
+                 dtype: torch.dtype, drop_last: bool, num_threads: int | None, where: str):
+        self.data_dir, self.shards, self.split, self.where = data_dir, shards, split, where
         self.image_size = int(manifest["size"])
         self.format = manifest["format"]
         self.attributes = attribute_names(manifest)
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shuffle, self.flip, self.seed, self.drop_last = shuffle, flip, seed, drop_last
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
-        self.total = sum(int(s["count"]) for s in shards)
-        self.start, self.stop = rank_range(self.total, rank, world_size)
-        self.num_samples = self.stop - self.start
-        if drop_last:
-            # Every rank stops after the same number of full batches (DDP needs equal steps), so a rank with one
-            # sample more than the smallest rank may drop a batch more.
-            self._len = (self.total // world_size) // batch_size
-            if self._len == 0:
-                raise DataError(f"{data_dir / MANIFEST}: split {split!r} has {self.num_samples} samples on rank "
-                                f"{rank}: fewer than one batch of {batch_size} with drop_last=True")
-        else:
-            self._len = math.ceil(self.num_samples / batch_size)
-        self._epoch, self._batches = 0, 0  # position: batches of `_epoch` already yielded
+        self.index = SampleIndex(data_dir, shards, self.format, len(self.attributes))
+        ids = select(self.index, where, self.attributes, data_dir / MANIFEST, split)
+        self.order = Order(ids, seed=seed, shuffle=shuffle, flip=flip, batch_size=batch_size, rank=rank,
+                           world_size=world_size, drop_last=drop_last)
+        self.num_samples, self.global_batch = self.order.num_samples, self.order.global_batch
+        if drop_last and self.num_samples < self.global_batch:
+            raise DataError(f"{data_dir / MANIFEST}: split {split!r} has {self.num_samples} samples"
+                            + (f" matching --where {where!r}" if where else "")
+                            + f": fewer than one batch of {self.global_batch} ({world_size} x {batch_size}) with "
+                              "drop_last=True")
+        self._epoch, self._samples = 0, 0  # position: samples of `_epoch` already handed out (over all ranks)
 
     def __len__(self) -> int:
-        return self._len
+        return self.order.batches_from(0)
 
     @property
     def epoch(self) -> int:
         self._roll()
         return self._epoch
 
+    @property
+    def samples(self) -> int:
+        self._roll()
+        return self._samples
+
     def _roll(self) -> None:
-        if self._batches >= self._len:
-            self._epoch, self._batches = self._epoch + 1, 0
+        if self.order.batches_from(self._samples) == 0:
+            self._epoch, self._samples = self._epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._roll()
-        epoch, batches = self._epoch, self._epoch_batches()
+        epoch, batches = self._epoch, self._batches()
         # Ends early when `epoch` or state_dict() has already moved the position past this epoch's last batch.
-        while self._epoch == epoch and self._batches < self._len:
+        while self._epoch == epoch and self.order.batches_from(self._samples):
             batch = next(batches)
-            self._batches += 1
-            if self._batches == self._len:
-                self._finish_epoch()
+            self._samples += self.order.step(self._samples)
             yield batch
         self._roll()
 
     def state_dict(self) -> dict:
-        """Position as plain values (and DALI's checkpoint as bytes): fits torch.load(weights_only=True)."""
+        """The position as plain values, the same on every rank: fits torch.load(weights_only=True)."""
         self._roll()
-        state = {k: getattr(self, k) for k in STATE_KEYS}
-        state.update(epoch=self._epoch, batches=self._batches, samples=self._samples_before(self._batches))
-        return state
+        return {"order": "global", "split": self.split, "seed": self.seed, "shuffle": self.shuffle,
+                "flip": self.flip, "num_samples": self.num_samples, "where": self.where, "epoch": self._epoch,
+                "samples": self._samples, "batch_size": self.global_batch, "world_size": self.world_size}
 
-    def _samples_before(self, batches: int) -> int:
-        return min(batches * self.batch_size, self.num_samples)
-
-    def _check_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS + ("epoch", "batches")):
-            raise DataError(f"{self.data_dir / MANIFEST}: data state is not a loader state_dict()")
-        differ = [f"{k}={state[k]!r} (now {getattr(self, k)!r})" for k in STATE_KEYS if state[k] != getattr(self, k)]
+    def _load_state(self, state: dict) -> None:
+        where = f"{self.data_dir / MANIFEST}: cannot resume the data position"
+        if not isinstance(state, dict) or state.get("order") != "global":
+            raise DataError(f"{where}: the state is not one of the global order (a checkpoint from before format 2 "
+                            "kept one position per rank)")
+        if any(k not in state for k in STATE_KEYS + ("epoch", "samples")):
+            raise DataError(f"{where}: the state is not a loader state_dict()")
+        differ = [f"{k}={state[k]!r} (now {getattr(self, k)!r})" for k in STATE_KEYS[1:]
+                  if state[k] != getattr(self, k)]
         if differ:
-            raise DataError(f"{self.data_dir / MANIFEST}: cannot resume the data position: " + ", ".join(differ))
-        if not 0 <= int(state["batches"]) <= self._len:
-            raise DataError(f"{self.data_dir / MANIFEST}: data state at batch {state['batches']} of {self._len}")
-        self._epoch, self._batches = int(state["epoch"]), int(state["batches"])
+            raise DataError(f"{where}: " + ", ".join(differ))
+        if not 0 <= int(state["samples"]) <= self.num_samples or int(state["epoch"]) < 0:
+            raise DataError(f"{where}: position {state['samples']} of {self.num_samples} in epoch {state['epoch']}")
+        self._epoch, self._samples = int(state["epoch"]), int(state["samples"])
+        self._roll()
 
-    # Backends implement these.
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        """The remaining batches of the current epoch, from batch `self._batches` on."""
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's batches from the current position on (backends implement it)."""
         raise NotImplementedError
-
-    def _finish_epoch(self) -> None:
-        """Called before the epoch's last batch is handed out, so state_dict() then points at the next epoch."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,15 +391,16 @@ def _import_dali():
         import nvidia.dali  # noqa: F401
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
     except ImportError as e:
         raise DaliMissingError(f"data: backend='dali' needs NVIDIA DALI ({e}): {DALI_PIP}; "
                                "or use backend='torch'") from None
-    return fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy
+    return fn, types, Pipeline, DALIGenericIterator
 
 
 # glibc's mallopt parameters (malloc.h)
 _M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+_PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent dies
 _malloc_tuned: bool | None = None
 
 
@@ -263,46 +427,75 @@ def keep_batch_memory_mapped() -> bool:
     return _malloc_tuned
 
 
+class DaliSource:
+    """fn.external_source's callable: this rank's part of the n-th global batch since (epoch, samples), as encoded
+    images, mirror flags and attributes. Stateless (a function of n alone), as DALI's parallel workers need: DALI
+    asks for batches ahead, several at a time, in any worker."""
+
+    def __init__(self, index: SampleIndex, order: Order, epoch: int, samples: int):
+        self.index, self.order, self.epoch, self.samples = index, order, epoch, samples
+        self.parent = os.getpid()
+        self._ready_in = -1
+
+    def _in_worker(self) -> None:
+        """Once per worker process: leave SIGTERM/SIGINT to the trainer (Slurm and Ctrl-C signal the whole process
+        group; a worker killed by one would fail the step before the trainer could checkpoint), and die with the
+        trainer: DALI's workers wait for tasks forever, so a trainer killed with SIGKILL would leave them behind."""
+        self._ready_in = os.getpid()
+        if self._ready_in == self.parent:  # called in the trainer itself (not DALI's parallel mode)
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        prctl = getattr(ctypes.CDLL(None), "prctl", None)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.parent:  # the trainer died before the line above
+            os._exit(0)
+
+    def __call__(self, info: Any) -> list:
+        if self._ready_in != os.getpid():
+            self._in_worker()
+        ix = self.index
+        epoch, samples = self.order.walk(self.epoch, self.samples, int(info.iteration))
+        ids, flips = self.order.rank_part(epoch, samples)
+        images, attrs = [], []
+        for i in ids:
+            data = ix.read(int(i))[0]
+            images.append(np.frombuffer(ix.image_bytes(data, int(i)), np.uint8))
+            if ix.num_attrs:
+                attrs.append(ix.attributes(data, int(i)))
+        return [images, flips.astype(np.int32)] + ([attrs] if ix.num_attrs else [])
+
+
 class DaliLoader(Loader):
     backend = "dali"
 
     def __init__(self, *args, state: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        fn, types, Pipeline, DALIGenericIterator, LastBatchPolicy = _import_dali()
-        checkpoint = None
+        fn, types, Pipeline, DALIGenericIterator = _import_dali()
         if state is not None:
-            self._check_state(state)
-            checkpoint = state.get("dali")
-            if not isinstance(checkpoint, bytes):
-                raise DataError(f"{self.data_dir / MANIFEST}: data state has no DALI checkpoint")
+            self._load_state(state)
         gpu = self.device.type == "cuda"
         if not gpu:
             keep_batch_memory_mapped()
-        threads = self.num_threads or (min(4, os.cpu_count() or 1) if gpu else (os.cpu_count() or 1))
+        cpus = os.cpu_count() or 1
+        threads = self.num_threads or (min(4, cpus) if gpu else cpus)
         S = self.image_size
-        # The seed covers the reader's shuffle buffer and the coin flips; ranks differ so their flips differ.
+        # DALI's Python workers read the samples (small preads); its own threads decode. Forked workers cannot use
+        # CUDA once the parent has, and DALI refuses to fork then, so on a GPU they are spawned (a few seconds).
+        spawn = gpu or torch.cuda.is_initialized()
+        workers = max(1, min(4, cpus // 4))
         # On the CPU, DALI's dynamic executor hands its output buffers to torch through DLPack instead of the
         # iterator copying every batch into a new tensor (batches stay valid however long the caller keeps them).
-        # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one is unmeasured on a GPU
-        # (bench/gpu_check.sh would show it).
+        # On a GPU the classic executor stays: its copy is cheap there, and the dynamic one is unmeasured on a GPU.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=threads, device_id=self.device.index if gpu else None,
-                        seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=PREFETCH,
-                        enable_checkpointing=True, checkpoint=checkpoint, exec_dynamic=not gpu)
+                        prefetch_queue_depth=PREFETCH, exec_dynamic=not gpu, py_num_workers=workers,
+                        py_start_method="spawn" if spawn else "fork")
         with pipe:
-            exts = [self.format] + (["attr"] if self.attributes else [])
-            outs = fn.readers.webdataset(
-                paths=[str(self.data_dir / s["tar"]) for s in self.shards],
-                index_paths=[str(self.data_dir / s["idx"]) for s in self.shards],
-                ext=exts, missing_component_behavior="error", dtypes=[types.UINT8, types.INT8][:len(exts)],
-                random_shuffle=self.shuffle, initial_fill=max(1, min(INITIAL_FILL, self.num_samples)),
-                shard_id=self.rank, num_shards=self.world_size,
-                # Each rank keeps its part; pad_last_batch makes the reader end every epoch on a batch boundary
-                # (the iterator's PARTIAL policy trims the padding), so no epoch borrows from the next.
-                stick_to_shard=True, pad_last_batch=True,
-                # Plain reads: a tar truncated under a memory map would kill the process with SIGBUS.
-                dont_use_mmap=True, name="Reader")
-            if not isinstance(outs, (list, tuple)):
-                outs = [outs]
+            source = DaliSource(self.index, self.order, self._epoch, self._samples)
+            outs = fn.external_source(source=source, batch=True, batch_info=True, parallel=True,
+                                      num_outputs=3 if self.attributes else 2, prefetch_queue_depth=PREFETCH,
+                                      dtype=[types.UINT8, types.INT32, types.INT8][:3 if self.attributes else 2])
             if gpu:
                 images = fn.decoders.image(outs[0], device="mixed", output_type=types.RGB,
                                            hw_decoder_load=HW_DECODER_LOAD, preallocate_width_hint=S,
@@ -310,163 +503,106 @@ class DaliLoader(Loader):
             else:
                 images = fn.decoders.image(outs[0], device="cpu", output_type=types.RGB)
             native = {torch.float16: types.FLOAT16, torch.float32: types.FLOAT}
-            images = fn.crop_mirror_normalize(
-                images, dtype=native.get(self.dtype, types.FLOAT), output_layout="CHW", mean=[127.5] * 3,
-                std=[127.5] * 3, mirror=fn.random.coin_flip(probability=0.5) if self.flip else 0)
+            images = fn.crop_mirror_normalize(images, dtype=native.get(self.dtype, types.FLOAT), output_layout="CHW",
+                                              mean=[127.5] * 3, std=[127.5] * 3, mirror=outs[1])
             outputs, self._names = [images], ["image"]
             if self.attributes:
-                outputs.append(outs[1].gpu() if gpu else outs[1])
+                outputs.append(outs[2].gpu() if gpu else outs[2])
                 self._names.append("attr")
             pipe.set_outputs(*outputs)
+        if not spawn:
+            # Workers are about to be forked: collect garbage first. A DALI pipeline left to the collector and
+            # collected in a forked child waits forever in its __del__ for DALI threads that do not exist there.
+            gc.collect()
         try:
-            self._iter = DALIGenericIterator(pipe, self._names, reader_name="Reader", auto_reset=True,
-                                             last_batch_policy=LastBatchPolicy.PARTIAL)
-        except RuntimeError as e:
-            if checkpoint is not None and "checkpoint" in str(e):
-                raise DataError(f"{self.data_dir / MANIFEST}: cannot restore DALI's position: the state comes from "
-                                f"another pipeline (device {state.get('dali_device')!r}, now "
-                                f"{self.device.type!r})") from None
+            # The source never ends (an epoch is the loader's bookkeeping), so the iterator never resets: the
+            # pipeline prepares the next epoch's first batches while this epoch's last ones train.
+            self._iter = DALIGenericIterator(pipe, self._names, auto_reset=False)
+        except Exception as e:
             raise self._read_error(e) from None
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        # DALI's checkpoint restores only into the same graph: the decoder differs between CPU and GPU.
-        state.update(dali=bytes(self._iter.checkpoints()[0]), dali_device=self.device.type)
-        return state
-
     def _read_error(self, e: Exception) -> Exception:
-        """DALI's multi-line error as one line naming the tar (found by its size when DALI does not say)."""
+        """DALI's error as one line naming the tar: a reader's ShardReadError as it is, else a changed tar, else the
+        sample of the next batches that PIL cannot decode either."""
         text = str(e)
-        named = [s["tar"] for s in self.shards if s["tar"] in text]
-        changed = [s["tar"] for s in self.shards
-                   if not (self.data_dir / s["tar"]).is_file()
-                   or (self.data_dir / s["tar"]).stat().st_size != int(s["bytes"])]
+        ours = re.findall(r"ShardReadError: (.+)", text)
+        if ours:
+            return ShardReadError(ours[-1].strip())
         found = re.search(r"encountered:\s*\n\s*(.+)", text)
         reason = found.group(1) if found else (text.strip().splitlines() or [type(e).__name__])[0]
-        reason = re.sub(r'^Assert on ".*" failed:\s*', "", reason.strip())
-        for tar in changed or named:
-            why = "truncated or changed since start-up; " if changed else ""
-            return ShardReadError(f"{self.data_dir / tar}: cannot read ({why}DALI: {reason[:200]})")
-        return ShardReadError(f"{self.data_dir}: DALI failed while reading: {reason[:300]}")
+        reason = re.sub(r'^Assert on ".*" failed:\s*', "", reason.strip())[:200]
+        for s in self.shards:
+            tar = self.data_dir / s["tar"]
+            if not tar.is_file() or tar.stat().st_size != int(s["bytes"]):
+                return ShardReadError(f"{tar}: cannot read (truncated or changed since start-up; DALI: {reason})")
+        bad = self._undecodable()
+        if bad is not None:
+            return ShardReadError(f"{bad}: cannot decode its image (DALI: {reason})")
+        return ShardReadError(f"{self.data_dir}: DALI failed while reading: {reason}")
 
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+    def _undecodable(self) -> str | None:
+        """"TAR: sample KEY" of the first sample of the batches DALI may have been preparing that PIL cannot
+        decode either, or None."""
+        import webdataset.autodecode
+
+        decode = webdataset.autodecode.imagehandler("rgb8")
+        for n in range(PREFETCH + 2):
+            epoch, samples = self.order.walk(self._epoch, self._samples, n)
+            for i in self.order.rank_part(epoch, samples)[0]:
+                data, _, tar = self.index.read(int(i))
+                try:
+                    decode(self.format, bytes(self.index.image_bytes(data, int(i))))
+                except Exception:
+                    return f"{tar}: sample {self.index.keys[int(i)]}"
+        return None
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         while True:
             try:
                 out = next(self._iter)[0]
             except StopIteration:
-                raise RuntimeError("data: DALI ended the epoch early (internal error)") from None
-            except RuntimeError as e:
+                raise RuntimeError("data: DALI ended the stream (internal error)") from None
+            except Exception as e:
                 raise self._read_error(e) from None
-            n = out["image"].shape[0]
-            if n == 0:  # a rank with fewer samples gets an all-padding batch at the end: not a batch
-                continue
-            yield self._convert(out)
-
-    def _convert(self, out: dict) -> dict:
-        batch = {"image": out["image"] if out["image"].dtype == self.dtype else out["image"].to(self.dtype)}
-        if "attr" in out:
-            n = out["attr"].shape[-1]
-            if n != len(self.attributes):  # DALI reads .attr entries of any length; the manifest gives the count
-                raise DataError(f"{self.data_dir / MANIFEST}: lists {len(self.attributes)} attributes, but the shards' "
-                                f".attr entries hold {n} bytes")
-            batch["attr"] = out["attr"].long()
-        return batch
-
-    def _finish_epoch(self) -> None:
-        # Drain what DALI still holds of this epoch (padding-only or dropped batches) so that the iterator resets
-        # to the next epoch now and a checkpoint taken during the last batch restores into the next epoch.
-        try:
-            while True:
-                next(self._iter)
-        except StopIteration:
-            pass
-        except RuntimeError as e:
-            raise self._read_error(e) from None
+            batch = {"image": out["image"] if out["image"].dtype == self.dtype else out["image"].to(self.dtype)}
+            if "attr" in out:
+                batch["attr"] = out["attr"].long()
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch backend
 
 
-class _SampleIndex:
-    """Where each of the rank's samples lies: tar, byte range, offsets of the image and attribute data."""
-
-    def __init__(self, data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, num_attrs: int):
-        self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
-        first = 0
-        for shard in shards:
-            count = int(shard["count"])
-            lo, hi = max(start, first) - first, min(stop, first + count) - first
-            first += count
-            if lo >= hi:
-                continue
-            idx_path = data_dir / shard["idx"]
-            self.tars.append(str(data_dir / shard["tar"]))
-            lines = idx_path.read_text().splitlines()[1:]
-            for line_no in range(lo, hi):
-                parts = lines[line_no].split() if line_no < len(lines) else []
-                comps = {p[3].rsplit(".", 1)[-1]: (int(p[1]), int(p[2])) for p in
-                         (parts[i:i + 4] for i in range(0, len(parts), 4)) if len(p) == 4 and p[1].isdigit()}
-                if fmt not in comps or (num_attrs and comps.get("attr", (0, 0))[1] != num_attrs):
-                    attr = f" or {num_attrs}-byte attr" if num_attrs else ""  # one byte per manifest attribute
-                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}{attr} entry: {parts}")
-                begin = min(o for o, _ in comps.values())
-                end = max(o + n for o, n in comps.values())
-                tar_ids.append(len(self.tars) - 1)
-                offsets.append(begin)
-                lengths.append(end - begin)
-                img.append((comps[fmt][0] - begin, comps[fmt][1]))
-                attr.append(comps["attr"][0] - begin if num_attrs else -1)
-                keys.append(parts[3].split(".", 1)[0])
-        self.tar_ids = np.asarray(tar_ids, np.int32)
-        self.offsets = np.asarray(offsets, np.int64)
-        self.lengths = np.asarray(lengths, np.int64)
-        self.img = np.asarray(img, np.int64).reshape(-1, 2)
-        self.attr = np.asarray(attr, np.int64)
-        self.keys = keys
-
-
 class _BatchReader(torch.utils.data.Dataset):
-    """Reads and decodes one batch, given as (local sample indices, flips); runs in DataLoader workers."""
+    """Reads and decodes one batch, given as (sample numbers, flips); runs in DataLoader workers."""
 
-    def __init__(self, index: _SampleIndex, fmt: str, size: int, num_attrs: int):
+    def __init__(self, index: SampleIndex, size: int):
         import webdataset.autodecode
 
-        self.index, self.fmt, self.size, self.num_attrs = index, fmt, size, num_attrs
+        self.index, self.size = index, size
         self.decode = webdataset.autodecode.imagehandler("rgb8")  # PIL -> HWC uint8 numpy
-        self._fds: dict[int, int] = {}
-        self._pid = -1
 
     def __getitem__(self, item: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
         samples, flips = item
-        if self._pid != os.getpid():  # file descriptors per process (workers are forked)
-            self._fds, self._pid = {}, os.getpid()
         ix, S = self.index, self.size
         images = np.empty((len(samples), S, S, 3), np.uint8)
-        attrs = np.empty((len(samples), self.num_attrs), np.int8)
+        attrs = np.empty((len(samples), ix.num_attrs), np.int8)
         for j, i in enumerate(samples):
-            tar = int(ix.tar_ids[i])
-            fd = self._fds.get(tar)
-            if fd is None:
-                fd = self._fds[tar] = os.open(ix.tars[tar], os.O_RDONLY)
-            length = int(ix.lengths[i])
-            data = os.pread(fd, length, int(ix.offsets[i]))
-            if len(data) != length:
-                raise ShardReadError(f"{ix.tars[tar]}: truncated: sample {ix.keys[i]} needs bytes "
-                                     f"{ix.offsets[i]}..{ix.offsets[i] + length}, the file has {os.fstat(fd).st_size}")
-            o, n = ix.img[i]
+            i = int(i)
+            data, _, tar = ix.read(i)
             try:
-                image = self.decode(self.fmt, data[o:o + n])
+                image = self.decode(ix.fmt, bytes(ix.image_bytes(data, i)))
             except Exception as e:
-                raise ShardReadError(f"{ix.tars[tar]}: sample {ix.keys[i]}: cannot decode its {self.fmt} "
+                raise ShardReadError(f"{tar}: sample {ix.keys[i]}: cannot decode its {ix.fmt} "
                                      f"({type(e).__name__}: {e})") from None
             if image.shape != (S, S, 3):
-                raise ShardReadError(f"{ix.tars[tar]}: sample {ix.keys[i]} is {image.shape}, not {S}x{S} RGB")
+                raise ShardReadError(f"{tar}: sample {ix.keys[i]} is {image.shape}, not {S}x{S} RGB")
             images[j] = image[:, ::-1] if flips[j] else image
-            if self.num_attrs:
-                attrs[j] = np.frombuffer(data, np.int8, self.num_attrs, int(ix.attr[i]))
+            if ix.num_attrs:
+                attrs[j] = ix.attributes(data, i)
         batch = {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))}
-        if self.num_attrs:
+        if ix.num_attrs:
             batch["attr"] = torch.from_numpy(attrs)
         return batch
 
@@ -517,17 +653,17 @@ def _stop_workers_at_exit() -> None:
 
 
 class _EpochPlan(torch.utils.data.Sampler):
-    """Yields the remaining batches of the loader's current epoch as (local sample indices, flips)."""
+    """Yields this rank's part of the remaining batches of the loader's current epoch as (sample numbers, flips)."""
 
     def __init__(self, loader: "TorchLoader"):
         self.loader = weakref.ref(loader)  # no reference cycle: a dropped loader shuts its workers down at once
 
     def __iter__(self):
         ld = self.loader()
-        order, flips = ld.plan(ld._epoch)
-        for b in range(ld._batches, len(ld)):
-            sl = slice(b * ld.batch_size, min((b + 1) * ld.batch_size, ld.num_samples))
-            yield order[sl], flips[sl]
+        epoch, samples = ld._epoch, ld._samples
+        while ld.order.batches_from(samples):
+            yield ld.order.rank_part(epoch, samples)
+            samples += ld.order.step(samples)
 
 
 class TorchLoader(Loader):
@@ -536,25 +672,15 @@ class TorchLoader(Loader):
     def __init__(self, *args, state: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if state is not None:
-            self._check_state(state)
-        index = _SampleIndex(self.data_dir, self.shards, self.start, self.stop, self.format, len(self.attributes))
+            self._load_state(state)
         workers = self.num_threads if self.num_threads is not None else min(os.cpu_count() or 1, 8)
         self._loader = torch.utils.data.DataLoader(
-            _BatchReader(index, self.format, self.image_size, len(self.attributes)), batch_size=None,
+            _BatchReader(self.index, self.image_size), batch_size=None,
             sampler=_EpochPlan(self), num_workers=workers, pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=_ignore_stop_signals)
 
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's order of the rank's samples and each position's flip, from (seed, epoch, rank) alone."""
-        n = self.num_samples
-        order = np.random.default_rng([self.seed, epoch, self.rank, 0]).permutation(n) if self.shuffle \
-            else np.arange(n)
-        flips = np.random.default_rng([self.seed, epoch, self.rank, 1]).random(n) < 0.5 if self.flip \
-            else np.zeros(n, bool)
-        return order, flips
-
-    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+    def _batches(self) -> Iterator[dict[str, Any]]:
         if self._loader.num_workers and self._loader._iterator is None:
             # Workers are about to be forked: collect garbage here first. A DALI pipeline left to the collector and
             # collected in a forked child (threading's after-fork hook can run the collector) waits forever in its
@@ -586,33 +712,31 @@ class TorchLoader(Loader):
 def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", backend: str = "dali",
                 device: str | torch.device = "cuda", shuffle: bool = True, flip: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32, drop_last: bool = False,
-                num_threads: int | None = None, state: dict | None = None, verify: bool = False) -> Loader:
+                num_threads: int | None = None, state: dict | None = None, verify: bool = False,
+                where: str = "") -> Loader:
     """A Loader over the shards in `data_dir` (see the module docstring).
 
+    batch_size: this rank's samples per batch; a global batch is world_size x batch_size.
     num_threads: DALI's CPU threads, or the torch backend's DataLoader workers (0: in the calling process).
     verify: also compare every tar's and index's sha256 with the manifest at start-up (sizes are always checked).
-    state: a state_dict() of a loader with the same arguments: continue where it was taken.
+    state: a state_dict() of a loader over the same samples with the same seed (any backend, batch size or number
+    of ranks): continue where it was taken.
+    where: "NAME=0|1,...": only the samples whose attributes match.
     """
     if backend not in ("dali", "torch"):
         raise DataError(f"data: backend must be 'dali' or 'torch', not {backend!r}")
     if batch_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"data: need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, "
-                         f"{rank}, {world_size})")
-    if state is not None and state.get("backend") != backend:
-        raise DataError(f"{Path(data_dir) / MANIFEST}: data state is from backend {state.get('backend')!r}, "
-                        f"not {backend!r}")
+                        f"{rank}, {world_size})")
     data_dir = Path(data_dir)
     try:
         manifest = read_manifest(data_dir)
     except ManifestError as e:  # callers catch this module's errors as DataError (train.py exits on one cleanly)
         raise DataError(str(e)) from None
     shards = _check_shards(data_dir, manifest, split, verify)
-    total = sum(int(s["count"]) for s in shards)
-    if total < world_size:
-        raise DataError(f"{data_dir / MANIFEST}: split {split!r} has {total} samples, fewer than {world_size} ranks")
-    cls = DaliLoader if backend == "dali" else TorchLoader
     if backend == "dali":
         _import_dali()  # fail with the pip hint before anything else
+    cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(data_dir, manifest, shards, batch_size, split=split, device=_resolve_device(device),
                shuffle=shuffle, flip=flip, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
-               drop_last=drop_last, num_threads=num_threads, state=state)
+               drop_last=drop_last, num_threads=num_threads, state=state, where=where)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -102,6 +103,19 @@ def _sample_device(model: Model, *tensors: torch.Tensor | None) -> torch.device 
         if x is not None:
             return x.device
     return None
+
+
+@dataclass
+class Draws:
+    """A training batch's random inputs (GaussianDiffusion.draws): timesteps t [B], noise [B, C, H, W], the rows
+    trained unconditionally [B] and the free attributes [B, D] (None where not drawn)."""
+    t: torch.Tensor
+    noise: torch.Tensor
+    drop: torch.Tensor | None = None
+    free: torch.Tensor | None = None
+
+    def rows(self, rows: slice) -> "Draws":
+        return Draws(*(None if v is None else v[rows] for v in (self.t, self.noise, self.drop, self.free)))
 
 
 class GaussianDiffusion(nn.Module):
@@ -310,8 +324,29 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- loss
 
+    def draws(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+              cond_dim: int = 0, p_uncond: float = 0.0, p_free: float = 0.0) -> Draws:
+        """The random inputs of a training batch of `shape` [B, C, H, W], in one fixed order from `generator`: t,
+        the noise, then (with cond_dim) the unconditional rows (p_uncond) and the free attributes (p_free).
+
+        train.py draws them for the whole global batch from a generator seeded by (seed, step) and each rank keeps its
+        rows, so a step's randomness is the same on any number of ranks (and micro-batches)."""
+        b = shape[0]
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator,
+                          device=generator.device if generator is not None else device).to(device)
+        noise = _randn(tuple(shape), generator, device)
+        drop = free = None
+        if cond_dim and p_uncond > 0:
+            drop = _rand((b,), generator, device) < p_uncond
+        if cond_dim and p_free > 0:  # drawn only when asked, so that two-state runs keep their noise stream
+            some = _rand((b, 1), generator, device) < p_free
+            rate = _rand((b, 1), generator, device)
+            free = some & (_rand((b, cond_dim), generator, device) < rate)
+        return Draws(t, noise, drop, free)
+
     def loss(self, model: Model, x0: torch.Tensor, cond: torch.Tensor | None = None, p_uncond: float = 0.0,
-             generator: torch.Generator | None = None, p_free: float = 0.0) -> torch.Tensor:
+             generator: torch.Generator | None = None, p_free: float = 0.0, draws: Draws | None = None
+             ) -> torch.Tensor:
         """Mean over the batch of the (min-SNR weighted) MSE between model output and target at uniform t.
 
         x0: [B, C, H, W] data in [-1, 1]; cond: optional [B, D] 0/1 attributes, each row replaced by -1 (null, all
@@ -319,20 +354,19 @@ class GaussianDiffusion(nn.Module):
         p_free (three-state models): the probability that a row leaves some of its attributes free (-1): the row draws
         a rate r ~ U(0, 1) and each attribute is then unknown with probability r, independently, so every number of
         known attributes (0..D) is equally likely and "Eyeglasses=1, the rest free" is a case the model has seen.
-        The model call runs under the caller's autocast; the target and the squared error in float32.
+        draws: the batch's random inputs drawn beforehand (self.draws(...), sliced); then generator, p_uncond and
+        p_free are not used. The model call runs under the caller's autocast; the target and the squared error in
+        float32.
         """
-        b, device = x0.shape[0], x0.device
-        t = torch.randint(0, self.num_timesteps, (b,), generator=generator,
-                          device=generator.device if generator is not None else device).to(device)
-        noise = _randn(tuple(x0.shape), generator, device)
-        if cond is not None and p_uncond > 0:
-            drop = _rand((b,), generator, device) < p_uncond
-            cond = torch.where(drop[:, None], torch.full_like(cond, -1), cond)
-        if cond is not None and p_free > 0:  # drawn only when asked, so that two-state runs keep their noise stream
-            some = _rand((b, 1), generator, device) < p_free
-            rate = _rand((b, 1), generator, device)
-            free = some & (_rand(tuple(cond.shape), generator, device) < rate)
-            cond = torch.where(free, torch.full_like(cond, -1), cond)
+        device = x0.device
+        if draws is None:
+            draws = self.draws(tuple(x0.shape), generator, device, cond.shape[1] if cond is not None else 0,
+                               p_uncond, p_free)
+        t, noise = draws.t, draws.noise
+        if cond is not None and draws.drop is not None:
+            cond = torch.where(draws.drop[:, None], torch.full_like(cond, -1), cond)
+        if cond is not None and draws.free is not None:
+            cond = torch.where(draws.free, torch.full_like(cond, -1), cond)
         xt = self.q_sample(x0, t, noise)
         output = model(xt, t, cond=cond)
         with _no_autocast(device):

@@ -11,7 +11,10 @@ random state come back, so on the CPU a run killed at any moment ends bit-identi
 the same thread count: float sums depend on it).
 SIGTERM or SIGINT (preemption, notebook limits) finishes the step, writes a checkpoint and exits 0; a second SIGINT
 exits at once. During the start-up, before the first step, either one stops at once, also with exit 0.
-`--batch-size` counts images per step over all ranks; each rank reads its own part of the data.
+`--batch-size` counts images per step over all ranks. One global sample order (data.py) and step noise drawn from
+(seed, step) for the whole global batch make a step the same on any number of ranks: a run stopped on 8 GPUs continues
+on 4 (or 1, or 3) exactly, up to the order of floating-point sums; only dropout masks differ per rank.
+`--accum K` splits each rank's part of the batch into K micro-batches, so a run keeps its batch on fewer GPUs.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 
 import config
+import data_v1
 from atomic import atomic_write
 from config import ConfigError
 from data import DataError, ShardReadError, make_loader
@@ -74,6 +78,7 @@ from utills import (
     make_checkpoint,
     nan_test_steps,
     os_errors_as_write_error,
+    pack_ranks,
     pick_device,
     resolve_checkpoint,
     resolve_precision,
@@ -98,6 +103,7 @@ class TrainConfig:
     loader: str = "dali"  # data pipeline: dali | torch
     num_workers: int = -1  # DALI CPU threads or torch DataLoader workers (-1 = the loader's default)
     verify_data: bool = True  # check every shard's sha256 against the manifest before the first step
+    where: str = ""  # train on the samples whose attributes match, e.g. "Male=0,Eyeglasses=1" ("" = all)
     # Model and diffusion: the architecture, fixed by the checkpoint when resuming.
     preset: str = "celeba64"  # UNet preset: tiny | small64 | celeba64 | celeba128
     base_channels: int = 0  # override the preset's base width (0 = the preset's)
@@ -112,6 +118,7 @@ class TrainConfig:
     p_uncond: float = 0.1  # with --cond: probability of training a row unconditionally (every attribute free)
     p_free: float = 0.8  # with --cond: probability that a row leaves a random subset of its attributes free
     batch_size: int = 128  # images per step, summed over all ranks
+    accum: int = 1  # micro-batches per rank and step (gradients accumulated): the same step in less memory
     lr: float = 2e-4  # AdamW learning rate after warm-up
     weight_decay: float = 0.0  # AdamW weight decay
     warmup: int = 5000  # linear learning-rate warm-up, in steps
@@ -147,7 +154,7 @@ class TrainConfig:
                                "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
                                "precision": ("auto", "fp16", "bf16", "fp32")}  # --device: utills.pick_device
     BOUNDS: ClassVar[dict] = {
-        "num_workers": ">= -1", "timesteps": "2..100000", "batch_size": ">= 1", "log_every": ">= 1",
+        "num_workers": ">= -1", "timesteps": "2..100000", "batch_size": ">= 1", "accum": ">= 1", "log_every": ">= 1",
         "sample_steps": ">= 1",
         "max_nonfinite": ">= 1", "warmup": ">= 0", "ckpt_every": ">= 0", "keep": ">= 0", "sample_every": ">= 0",
         "grad_clip": ">= 0", "min_snr_gamma": ">= 0", "weight_decay": ">= 0", "lr": "> 0", "p_uncond": "0..1",
@@ -306,7 +313,11 @@ def join_ranks(cfg: TrainConfig) -> Ranks:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         control = dist.new_group(backend="gloo")  # CPU-side flags and gathers, without touching the GPU stream
     if cfg.batch_size % world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks")
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks (give a batch size "
+                          f"that {world_size} divides, or run on a number of ranks that divides {cfg.batch_size})")
+    if cfg.batch_size // world_size < cfg.accum:
+        raise ConfigError(f"--accum {cfg.accum}: each of {world_size} rank(s) has {cfg.batch_size // world_size} "
+                          f"images of --batch-size {cfg.batch_size}, fewer than {cfg.accum} micro-batches")
     return Ranks(world_size, rank, local_rank, device, control)
 
 
@@ -343,23 +354,65 @@ def find_resume(cfg: TrainConfig, run: RunPaths, log: RunLog, is_main: bool) -> 
 
 
 def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, log: RunLog):
-    """This rank's part of the training data, continuing at `data_state` when it still fits the flags."""
+    """This rank's part of the training data, continuing at `data_state` (any number of ranks, either loader, any
+    batch size) when it is of the same samples and seed.
+
+    A checkpoint of format 0 or 1 holds one position per rank: on the same number of ranks (without --where or
+    --accum) its run goes on in that old per-rank order, exactly as before (data_v1.py); else the order restarts."""
     args = dict(split="train", backend=cfg.loader, device=ranks.device, shuffle=True, flip=True, seed=cfg.seed,
                 rank=ranks.rank, world_size=ranks.world_size, drop_last=True, verify=cfg.verify_data,
                 num_threads=None if cfg.num_workers < 0 else cfg.num_workers)
+    old = this_rank(data_state, ranks.rank, ranks.world_size) if data_state and "ranks" in data_state else None
+    if data_v1.is_v1_state(old) and not cfg.where and cfg.accum == 1:
+        try:
+            loader = data_v1.make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args, state=old)
+        except DataError as e:  # a changed --batch-size, --seed or --loader cannot continue the old order
+            log.say(f"[yellow]warning:[/] {e}; the data order restarts, in the global order of format 2")
+        else:
+            log.say("this run continues in its per-rank data order of checkpoint format 1 (data_v1.py): on another "
+                    "number of ranks it would move to the global order")
+            return loader
+    args["where"] = cfg.where
     try:
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args, state=data_state)
     except DataError as e:
-        if data_state is None:
+        if data_state is None or "cannot resume the data position" not in str(e):
             raise
-        # A changed --batch-size, --seed or --loader cannot continue the old order: say so and start a new one.
+        # A changed --seed or --where, or a checkpoint from before the global order: say so and start a new order.
         log.say(f"[yellow]warning:[/] {e}; the data order restarts")
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args)
-    if len(loader) == 0:
-        raise ConfigError(f"{cfg.data}: fewer training images than one batch of {cfg.batch_size // ranks.world_size}")
     if cfg.cond and not loader.attributes:
         raise ConfigError(f"--cond: {cfg.data}/manifest.json lists no attributes")
     return loader
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The 64-bit seed of a step's random inputs, from (seed, step) alone (numpy's SeedSequence: stable across
+    versions and platforms, unlike Python's hash)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+
+
+def step_draws(diffusion: GaussianDiffusion, generator: torch.Generator, seed: int, step: int, ranks: Ranks,
+               x0: torch.Tensor, cond: torch.Tensor | None, p_uncond: float, p_free: float):
+    """This rank's rows of the step's random inputs (t, noise, unconditional rows, free attributes), drawn for the
+    whole global batch from (seed, step), so that every sample gets the same ones on any number of ranks.
+
+    Each rank draws the global batch (world_size x its own noise; bench/train_step.py measures the cost) and keeps
+    its contiguous slice, the slice of the global batch that its images are."""
+    b = x0.shape[0]
+    generator.manual_seed(step_seed(seed, step))
+    draws = diffusion.draws((b * ranks.world_size, *x0.shape[1:]), generator, x0.device,
+                            cond.shape[1] if cond is not None else 0, p_uncond, p_free)
+    return draws.rows(slice(ranks.rank * b, (ranks.rank + 1) * b))
+
+
+def saved_world_size(ckpt: dict) -> int | None:
+    """The number of ranks that wrote a checkpoint (None when it does not say)."""
+    for key in ("data_state", "rng"):
+        value = ckpt.get(key)
+        if isinstance(value, dict) and "world_size" in value:
+            return int(value["world_size"])
+    return None
 
 
 def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes: list[str]) -> UNet:
@@ -486,23 +539,30 @@ class Checkpointer:
     ranks: Ranks
     loader: Any
     diffusion: GaussianDiffusion
-    noise_gen: torch.Generator
     log: RunLog
     last: Path | None = None
+    noise_gen: torch.Generator | None = None  # a format 1 run's per-rank noise stream, when it goes on in its order
+
+    def legacy_rng(self) -> dict:
+        return {"noise": self.noise_gen.get_state()} if self.noise_gen is not None else {}
 
     def write(self, state: TrainState, best: bool = False) -> Path | None:
         """Call when no batch has been fetched since this step's, so the loader's state is the position right after
         it; `best` also keeps the checkpoint as best-fid.pt."""
         ranks, run = self.ranks, self.run
-        rngs = ranks.gather({**capture_rng(), "noise": self.noise_gen.get_state()})
-        data_states = ranks.gather(self.loader.state_dict())
-        if ranks.world_size > 1:
+        rngs = ranks.gather({**capture_rng(), **self.legacy_rng()})  # per rank: the dropout masks
+        data_state = self.loader.state_dict()
+        if getattr(self.loader, "per_rank", False):  # a format 1 run's own order (data_v1.py)
+            data_state = pack_ranks(ranks.gather(data_state))
+        elif ranks.world_size > 1:
+            if any(s != data_state for s in ranks.gather(data_state)):
+                raise RuntimeError(f"step {state.step}: the ranks' data positions differ (internal error)")
             if len(set(ranks.gather(weights_digest(state.model)))) > 1:
                 raise RuntimeError(f"step {state.step}: the ranks hold different weights (DDP out of step)")
             self.log.say(f"weights identical on {ranks.world_size} ranks at step {state.step}")
         if ranks.is_main:
             ckpt = make_checkpoint(state, config=stored_config(self.cfg), diffusion_config=self.diffusion.config,
-                                   image_size=self.loader.image_size, data_states=data_states, rngs=rngs,
+                                   image_size=self.loader.image_size, data_state=data_state, rngs=rngs,
                                    attributes=list(self.loader.attributes) if self.cfg.cond else [])
             if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
                 raise Diverged(f"step {state.step}: the weights are not finite; not writing a checkpoint "
@@ -549,9 +609,11 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         log.say(config_table(cfg, f"train.py -> {run.root}", f"{device} / {precision} / {world_size}"))
 
         # Open this rank's part of the training data (continuing at the checkpoint's position), then build the model.
-        data_state = this_rank(ckpt["data_state"], ranks.rank, world_size) if ckpt is not None else None
-        if ckpt is not None and data_state is None:
-            log.say("[yellow]warning:[/] the number of ranks changed: the data order and random streams restart")
+        data_state = ckpt.get("data_state") if ckpt is not None else None
+        if ckpt is not None and (before := saved_world_size(ckpt)) not in (None, world_size):
+            log.say(f"the number of ranks changed: {before} -> {world_size} (--batch-size {cfg.batch_size}: "
+                    f"{cfg.batch_size // world_size} images per rank); the step, learning-rate schedule, EMA, data "
+                    f"order and step noise carry on, only the dropout masks are drawn afresh")
         loader = open_loader(cfg, ranks, data_state, log)
         watch = ShardWatch(loader)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
@@ -566,7 +628,10 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             log.say("[yellow]this checkpoint's model has two-state attributes (trained before attributes could "
                           "be left free): --p-free is ignored, unnamed attributes stay 0 when sampling")
         log.say(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                      f"{loader.image_size} px, {loader.num_samples} images per epoch on each of {world_size} rank(s)")
+                f"{loader.image_size} px, {loader.num_samples} images per epoch"
+                + (f" (the {loader.num_samples} of split 'train' matching --where {cfg.where!r})" if cfg.where else "")
+                + f", {len(loader)} steps of {cfg.batch_size} over {world_size} rank(s)"
+                + (f" in {cfg.accum} micro-batches each" if cfg.accum > 1 else ""))
         if ranks.is_main:  # only now that the data and the checkpoint have been accepted
             with os_errors_as_write_error(run.config, run.root):
                 atomic_write(run.config, (json.dumps(stored_config(cfg), indent=2) + "\n").encode())
@@ -578,8 +643,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
         amp = autocast(device, precision)
-        # t, the noise and the unconditional rows come from this generator, so its state is part of the checkpoint.
-        noise_gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1))
+        # A step's t, noise and unconditional rows: drawn for the whole global batch from (seed, step) (step_draws).
+        noise_gen = torch.Generator(device)
+        legacy = getattr(loader, "per_rank", False)  # a format 1 run in its own order: its per-rank noise stream too
         torch.manual_seed(cfg.seed + ranks.rank)  # dropout masks differ across ranks
         np.random.seed(cfg.seed + ranks.rank)
 
@@ -588,10 +654,11 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             resumed = restore_checkpoint(ckpt, state, rank=ranks.rank, world_size=world_size)
             set_run_lr(optimizer, scheduler, cfg, total_steps)
             if resumed.rng is not None:
-                noise_gen.set_state(resumed.rng["noise"])
                 restore_rng(resumed.rng)
-            else:  # a new number of ranks: fresh streams, apart from those of the first start
-                noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
+                if legacy:
+                    noise_gen.set_state(resumed.rng["noise"])
+            else:  # a new number of ranks: fresh dropout streams, apart from those of the first start
+                torch.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
             if ranks.is_main:
                 with os_errors_as_write_error(run.metrics, run.root):
                     trim_metrics(run.metrics, state.step)
@@ -620,7 +687,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         log.open(run, step=state.step, total=total_steps, images_seen=state.images_seen, batch_size=cfg.batch_size,
                  device=device, tensorboard=cfg.tensorboard, config=stored_config(cfg),
                  cleanup=cleanup)
-        ckpts = Checkpointer(run, cfg, ranks, loader, diffusion, noise_gen, log)
+        ckpts = Checkpointer(run, cfg, ranks, loader, diffusion, log, noise_gen=noise_gen if legacy else None)
         stop_signal = catch_stop_signals(cleanup)
         stats = RunningStats(device)
         nan_fault = nan_test_steps()
@@ -646,10 +713,12 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
             # One step: loss under autocast, scaled backward, clipping, the update, the schedule and the EMA.
             lr = optimizer.param_groups[0]["lr"]
-            loss, grad_norm = train_step(net, state, diffusion, x0, amp=amp, generator=noise_gen, cond=cond,
-                                         p_uncond=cfg.p_uncond if cfg.cond else 0.0, p_free=p_free,
-                                         grad_clip=cfg.grad_clip,
-                                         poison=nan_fault(state.step + 1))
+            p_uncond = cfg.p_uncond if cfg.cond else 0.0
+            draws = None if legacy else step_draws(diffusion, noise_gen, cfg.seed, state.step, ranks, x0, cond,
+                                                   p_uncond=p_uncond, p_free=p_free)
+            loss, grad_norm = train_step(net, state, diffusion, x0, amp=amp, draws=draws, generator=noise_gen,
+                                         cond=cond, p_uncond=p_uncond, p_free=p_free, grad_clip=cfg.grad_clip,
+                                         accum=cfg.accum, poison=nan_fault(state.step + 1))
 
             # Update the running statistics; agree across ranks whether a signal asked us to stop.
             state.step += 1

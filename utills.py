@@ -41,7 +41,11 @@ from unet import UNet
 
 # The checkpoint format. 0: files written before the format carried a version (read as they are, see `upgrade`).
 # 1: "format_version" added; per-rank values (data position, random states) always as {"world_size", "ranks"}.
-FORMAT_VERSION = 1
+# 2: one data position for all ranks (data.Loader.state_dict of the global order, the same on every rank); the
+#    random states stay per rank (dropout masks) and the step's noise is no longer among them (train.py draws it
+#    from (seed, step)). A version 0 or 1 data position (one per rank) is kept as it was: the loaders refuse it,
+#    and train.py restarts the epoch's order with a message.
+FORMAT_VERSION = 2
 # Keys every consumer (train.py resume, sample.py, evaluate.py) reads.
 REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_config")
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})\.(pt|png)$")  # a checkpoint (checkpoints/) or a sample grid (samples/)
@@ -415,7 +419,8 @@ def upgrade(ckpt: dict, path: str | os.PathLike = "checkpoint") -> dict:
     """A loaded checkpoint of any known format version, in the layout of FORMAT_VERSION (a newer one is refused).
 
     Version 0 (no "format_version" key) kept one rank's data position and random states bare, and a torchrun run's
-    random states as rank 0's plus a "ranks" list; version 1 always packs them as pack_ranks does.
+    random states as rank 0's plus a "ranks" list; version 1 always packs them as pack_ranks does; version 2 has one
+    data position for all ranks (a version 0/1 one stays packed per rank, which the loaders do not resume).
     """
     version = ckpt.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -431,7 +436,8 @@ def upgrade(ckpt: dict, path: str | os.PathLike = "checkpoint") -> dict:
                 ckpt[key] = {"world_size": len(value["ranks"]), "ranks": list(value["ranks"])}
             else:
                 ckpt[key] = pack_ranks([value])
-        ckpt["format_version"] = FORMAT_VERSION
+    if version < FORMAT_VERSION:
+        ckpt = {**ckpt, "format_version": FORMAT_VERSION, "upgraded_from": version}
     return ckpt
 
 
@@ -523,17 +529,19 @@ class TrainState:
 @dataclass
 class Resumed:
     """What a checkpoint gives back besides the objects' states: this rank's data position and random states."""
-    data_state: dict | None  # None: none saved, or the number of ranks changed (the data order restarts)
-    rng: dict | None  # capture_rng() plus "noise" (the training noise generator), or None as above
+    data_state: dict | None  # the data position (None: none saved); a version 0/1 one is still packed per rank
+    rng: dict | None  # this rank's capture_rng(); None: none saved, or the number of ranks changed
 
 
 def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, image_size: int,
-                    attributes: list[str], data_states: list[dict] | None = None,
+                    attributes: list[str], data_state: dict | None = None,
                     rngs: list[dict] | None = None) -> dict:
     """The checkpoint dict: the one place its keys are written (restore_checkpoint, below, reads them back).
 
-    data_states and rngs hold every rank's value, in rank order (train.py gathers them); None leaves them out (a
-    checkpoint that can be sampled but not resumed exactly). Only tensors and plain values: weights_only-loadable.
+    data_state: the loader's position (one for all ranks); rngs: every rank's random states, in rank order (train.py
+    gathers them); None leaves them out (a checkpoint that can be sampled but not resumed exactly). Only tensors and
+    plain values: weights_only-loadable. A format 1 run going on in its per-rank order passes data_state packed per
+    rank (pack_ranks).
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -547,7 +555,7 @@ def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, 
         "images_seen": int(state.images_seen),
         "best_fid": None if state.best_fid is None else float(state.best_fid),
         "best_fid_step": int(state.best_fid_step),
-        "data_state": pack_ranks(data_states) if data_states is not None else None,
+        "data_state": data_state,
         "rng": pack_ranks(rngs) if rngs is not None else None,
         "config": dict(config),
         "model_config": dict(state.model.config),
@@ -576,8 +584,7 @@ def restore_checkpoint(ckpt: dict, state: TrainState, *, rank: int = 0, world_si
     # Checkpoints from before --eval-every have neither key: no best FID yet.
     state.best_fid = None if ckpt.get("best_fid") is None else float(ckpt["best_fid"])
     state.best_fid_step = int(ckpt.get("best_fid_step", -1))
-    return Resumed(data_state=this_rank(ckpt.get("data_state"), rank, world_size),
-                   rng=this_rank(ckpt.get("rng"), rank, world_size))
+    return Resumed(data_state=ckpt.get("data_state"), rng=this_rank(ckpt.get("rng"), rank, world_size))
 
 
 def versions() -> dict[str, str]:
