@@ -55,12 +55,12 @@ import config
 import data_v1
 from atomic import atomic_write
 from config import ConfigError
-from data import DataError, ShardReadError, make_loader
+from data import DataError, ShardReadError, make_loader, parse_where
 from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
 from ema import EMA
 from fid import TrainingFID
 from grids import save_grid
-from manifest import read_manifest
+from manifest import attribute_names, read_manifest
 from runlog import RunLog
 from step import make_optimizer, train_step
 from unet import PRESETS, UNet, build_unet
@@ -184,7 +184,9 @@ def check_config(cfg: TrainConfig, given: Collection[str] = ()) -> None:
         raise ConfigError("give --steps N or --epochs E")
     if cfg.rollback and cfg.resume in ("auto", "never"):
         raise ConfigError("--rollback goes with --resume PATH (the checkpoint to go back to)")
-    read_manifest(cfg.data)  # the shards are there (the full checks come with the loader)
+    manifest = read_manifest(cfg.data)  # the shards are there (the full checks come with the loader)
+    if cfg.where:
+        parse_where(cfg.where, attribute_names(manifest))  # its names and values (an empty subset: the loader)
     check_out(cfg, given)
 
 
@@ -307,17 +309,17 @@ def join_ranks(cfg: TrainConfig) -> Ranks:
     if world_size > 1 and cfg.device.startswith("cuda:"):
         raise ConfigError(f"--device {cfg.device}: with {world_size} processes each takes its own GPU; "
                           f"use --device cuda")
-    device = pick_device(cfg.device, local_rank)
-    control = None
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        control = dist.new_group(backend="gloo")  # CPU-side flags and gathers, without touching the GPU stream
     if cfg.batch_size % world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split over {world_size} ranks (give a batch size "
                           f"that {world_size} divides, or run on a number of ranks that divides {cfg.batch_size})")
     if cfg.batch_size // world_size < cfg.accum:
         raise ConfigError(f"--accum {cfg.accum}: each of {world_size} rank(s) has {cfg.batch_size // world_size} "
                           f"images of --batch-size {cfg.batch_size}, fewer than {cfg.accum} micro-batches")
+    device = pick_device(cfg.device, local_rank)
+    control = None
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        control = dist.new_group(backend="gloo")  # CPU-side flags and gathers, without touching the GPU stream
     return Ranks(world_size, rank, local_rank, device, control)
 
 

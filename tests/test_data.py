@@ -1,8 +1,10 @@
 """data.py over the session's shards (tests/conftest.py: 203 fake faces at 32x32, 163 of them in train, 64 a shard).
 
 Both backends: exact samples per epoch, the same pixels for the same samples, shuffles that are permutations and
-change each epoch, ranks that split the data, exact resume (shuffle and flips included) mid-epoch and at an epoch
-boundary, the flip rate, the attribute count from the manifest, and each error with its one-line message. A sample is
+change each epoch, one global order that ranks slice (the same on any number of ranks), exact resume (shuffle and
+flips included) mid-epoch and at an epoch boundary, on 2 -> 1 -> 3 ranks and with another batch size, --where
+subsets, the flip rate, the attribute count from the manifest, and each error with its one-line message; the
+per-rank loaders of checkpoint format 1 (data_v1.py) still resume their states. A sample is
 known by its pixels: the index of the reference image (or its mirror) it shows, every fake face being different. The
 torch backend mostly runs in-process (num_threads=0) to keep the file fast; one test checks that DataLoader workers
 give the same batches.
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 import data
+import data_v1
 from data import DaliMissingError, DataError, ShardReadError, make_loader
 from fake_celeba import ATTRIBUTES
 
@@ -130,17 +133,88 @@ def test_shuffle_is_a_new_permutation_each_epoch(shards, reference, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_ranks_split_the_data(shards, reference, backend):
-    parts = [loader(shards, backend, 16, rank=r, world_size=2) for r in range(2)]
-    assert [p.num_samples for p in parts] == [81, 82]
-    assert [len(p) for p in parts] == [6, 6]
-    for _ in range(2):  # every epoch: disjoint, covering
-        k0, k1 = (identify(epoch(p)[0], reference) for p in parts)
-        assert (len(k0), len(k1)) == (81, 82)
-        assert not set(k0) & set(k1) and set(k0) | set(k1) == set(range(TRAIN))
-    # With drop_last both ranks give the same number of full batches (equal DDP steps).
+def test_ranks_slice_the_one_global_order(shards, reference, backend):
+    # Two ranks of 16 take, step by step, the halves of what one rank of 32 takes: the same samples, flips and
+    # pixels, in the same order, every epoch (the last, partial batch of 3 split 1 + 2).
+    whole = loader(shards, backend, 32, seed=7)
+    parts = [loader(shards, backend, 16, seed=7, rank=r, world_size=2) for r in range(2)]
+    assert [p.num_samples for p in parts] == [TRAIN, TRAIN] and [len(p) for p in parts] == [6, 6] and len(whole) == 6
+    for _ in range(2):
+        w, p0, p1 = epoch(whole), epoch(parts[0]), epoch(parts[1])
+        assert (p0[2], p1[2]) == ([16] * 5 + [1], [16] * 5 + [2])
+        joined = torch.cat([torch.cat([a, b]) for a, b in zip(p0[0].split(p0[2]), p1[0].split(p1[2]))])
+        assert torch.equal(joined, w[0])
+        assert sorted(identify(joined, reference)) == list(range(TRAIN))
+    # With drop_last every rank gives the same number of full batches (equal DDP steps).
     parts = [loader(shards, backend, 41, rank=r, world_size=2, drop_last=True) for r in range(2)]
     assert [len(p) for p in parts] == [1, 1] and [epoch(p)[2] for p in parts] == [[41], [41]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_epoch_resumed_on_2_then_1_then_3_ranks_sees_every_sample_once(shards, reference, backend):
+    # A global batch of 12 (13 steps an epoch, 7 samples left over): 4 steps on 2 ranks, 5 on 1, the rest on 3.
+    kw = dict(seed=3, drop_last=True)
+    expected = epoch(loader(shards, backend, 12, **kw))[0]
+    got, state = [], None
+    for world, steps in ((2, 4), (1, 5), (3, None)):
+        ranks = [loader(shards, backend, 12 // world, rank=r, world_size=world, state=state, **kw)
+                 for r in range(world)]
+        assert {(ld.epoch, ld.samples) for ld in ranks} == {(0, 0 if state is None else state["samples"])}
+        streams = [iter(ld) for ld in ranks]
+        for _ in range(steps or 99):
+            batch = [next(s, None) for s in streams]
+            if batch[0] is None:
+                assert all(b is None for b in batch)
+                break
+            got.append(torch.cat([b["image"] for b in batch]))
+        states = [saved(ld.state_dict()) for ld in ranks]
+        assert all(st == states[0] for st in states)  # one position for all ranks
+        state = states[0]
+    assert state["epoch"] == 1 and state["samples"] == 0
+    got = torch.cat(got)
+    assert torch.equal(got, expected)  # the very images, flips included, of the uninterrupted epoch
+    ids = identify(got, reference)
+    assert len(ids) == len(set(ids)) == 13 * 12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_another_batch_size_continues_the_epoch(shards, reference, backend):
+    ld = loader(shards, backend, 20, seed=9)
+    first = [next(iter(ld))["image"] for _ in range(1)]
+    state = saved(ld.state_dict())
+    assert (state["epoch"], state["samples"]) == (0, 20)
+    rest = epoch(loader(shards, backend, 7, seed=9, state=state))
+    assert rest[2] == [7] * 20 + [3]
+    ids = identify(torch.cat([*first, rest[0]]), reference)
+    assert sorted(ids) == list(range(TRAIN))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_where_trains_on_the_matching_samples(shards, reference, backend):
+    names = ATTRIBUTES
+    male, glasses = names.index("Male"), names.index("Eyeglasses")
+    want = ((reference[1][:, male] == 0) & (reference[1][:, glasses] == 0)).nonzero().flatten().tolist()
+    ld = loader(shards, backend, 8, where="Male=0, Eyeglasses=0", seed=1)
+    assert ld.num_samples == len(want) and 8 < len(want) < TRAIN
+    images, attrs, _ = epoch(ld)
+    assert sorted(identify(images, reference)) == want
+    assert (attrs[:, male] == 0).all() and (attrs[:, glasses] == 0).all()
+    state = saved(ld.state_dict())
+    assert state["where"] == "Male=0, Eyeglasses=0" and state["num_samples"] == len(want)
+    with pytest.raises(DataError, match="where="):
+        loader(shards, backend, 8, seed=1, state=state)  # the whole split: another order
+
+
+@pytest.mark.parametrize("where,message", [
+    ("Bald=1,Nope=0", r"unknown attribute 'Nope' \(the shards have: 5_o_Clock_Shadow, "),
+    ("Male", r"'Male' is not NAME=0 or NAME=1"),
+    ("Male=2", r"'Male=2' is not NAME=0 or NAME=1"),
+    ("Male=1,Male=0", r"no sample of split 'train' in .*manifest.json matches"),
+])
+def test_bad_where_is_one_line(shards, where, message):
+    with pytest.raises(DataError, match=message) as e:
+        loader(shards, "torch", 8, where=where)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -222,7 +296,7 @@ def test_resume_gives_the_batches_that_would_have_come_next(shards, backend, sto
             batches = iter(ld)  # the next epoch
         next(batches)
     state = saved(ld.state_dict())
-    assert (state["epoch"], state["batches"]) == divmod(stop, 6)
+    assert (state["epoch"], state["samples"]) == (stop // 6, stop % 6 * 30)
     resumed = loader(shards, backend, state=state, **kw)
     assert resumed.epoch == stop // 6
     got = [b for _ in range(3 - stop // 6) for b in resumed]
@@ -239,7 +313,7 @@ def test_reading_the_position_between_batches(shards, reference, backend):
     batches, seen = iter(ld), {}
     while len(seen) < 3 or len(seen[2]) < TRAIN:
         e, state = ld.epoch, ld.state_dict()
-        assert (state["epoch"], state["batches"] * 40) == (e, len(seen.get(e, [])))
+        assert (state["epoch"], state["samples"]) == (e, len(seen.get(e, [])))
         batch = next(batches, None)
         if batch is None:
             batches = iter(ld)
@@ -248,12 +322,35 @@ def test_reading_the_position_between_batches(shards, reference, backend):
     assert sorted(seen) == [0, 1, 2] and all(sorted(k) == sorted(seen[0]) and len(k) == TRAIN for k in seen.values())
 
 
-def test_a_state_from_other_arguments_is_refused(shards):
-    state = saved(loader(shards, "torch").state_dict())
-    with pytest.raises(DataError, match="batch_size=32"):
-        loader(shards, "torch", 16, state=state)
-    with pytest.raises(DataError, match="backend 'torch'"):
-        loader(shards, "dali", state=state)
+def test_a_state_of_another_order_is_refused(shards):
+    ld = loader(shards, "torch")
+    next(iter(ld))
+    state = saved(ld.state_dict())
+    with pytest.raises(DataError, match=r"cannot resume the data position: seed=0 \(now 1\)"):
+        loader(shards, "torch", 16, seed=1, state=state)
+    with pytest.raises(DataError, match="from before format 2"):
+        loader(shards, "dali", state={"world_size": 1, "ranks": [state]})
+    # The other backend continues the same order (the same samples and flips; two JPEG decoders within 2/255).
+    a, b = (next(iter(loader(shards, backend, state=state)))["image"] for backend in BACKENDS)
+    assert (a - b).abs().max() * 127.5 <= 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_format_1_per_rank_states_still_resume(shards, backend):
+    # data_v1.py keeps the loaders of checkpoint formats 0 and 1 for the runs that go on in their old order.
+    kw = dict(seed=11, device="cpu", num_threads=0 if backend == "torch" else 2, backend=backend)
+    expected = [b for ld in [data_v1.make_loader(shards, 30, **kw)] for _ in range(2) for b in ld]
+    ld = data_v1.make_loader(shards, 30, **kw)
+    batches = iter(ld)
+    for _ in range(2):
+        next(batches)
+    state = saved(ld.state_dict())
+    assert data_v1.is_v1_state(state) and (state["epoch"], state["batches"]) == (0, 2)
+    resumed = data_v1.make_loader(shards, 30, state=state, **kw)
+    got = [b for _ in range(2) for b in resumed]
+    assert len(got) == len(expected) - 2
+    for g, e in zip(got, expected[2:]):
+        assert torch.equal(g["image"], e["image"]) and torch.equal(g["attr"], e["attr"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ def _train_state(seed: int) -> TrainState:
 def test_make_and_restore_checkpoint_round_trip(tmp_path):
     state = _train_state(0)
     ckpt = make_checkpoint(state, config={"lr": 1e-3}, diffusion_config=GaussianDiffusion(timesteps=100).config,
-                           image_size=16, attributes=[], data_states=[{"epoch": 1}, {"epoch": 1, "rank": 1}],
+                           image_size=16, attributes=[], data_state={"order": "global", "epoch": 1},
                            rngs=[capture_rng(), capture_rng()])
     assert ckpt["format_version"] == FORMAT_VERSION
     path = save_checkpoint(tmp_path, ckpt, 7, keep=1)
@@ -196,13 +196,13 @@ def test_make_and_restore_checkpoint_round_trip(tmp_path):
     fresh = _train_state(1)
     resumed = restore_checkpoint(loaded, fresh, rank=1, world_size=2)
     assert (fresh.step, fresh.epoch, fresh.images_seen) == (7, 1, 56)
-    assert resumed.data_state == {"epoch": 1, "rank": 1} and set(resumed.rng) >= {"python", "numpy", "torch"}
+    assert resumed.data_state == {"order": "global", "epoch": 1} and set(resumed.rng) >= {"python", "numpy", "torch"}
     for a, b in zip(state.model.state_dict().values(), fresh.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
-    # Another number of ranks: no position and no random states for this rank (the data order restarts).
+    # Another number of ranks: the one position still, but no random states for this rank (dropout masks).
     resumed = restore_checkpoint(loaded, _train_state(2), rank=0, world_size=1)
-    assert resumed.data_state is None and resumed.rng is None
+    assert resumed.data_state == {"order": "global", "epoch": 1} and resumed.rng is None
 
 
 def test_pack_ranks_and_this_rank():
@@ -215,13 +215,16 @@ def test_pack_ranks_and_this_rank():
 def test_version_0_layouts_are_upgraded():
     single = {"step": 1, "rng": {"python": 1}, "data_state": {"epoch": 0}}
     up = upgrade(single)
-    assert up["format_version"] == FORMAT_VERSION
+    assert up["format_version"] == FORMAT_VERSION and up["upgraded_from"] == 0
     assert up["rng"] == {"world_size": 1, "ranks": [{"python": 1}]}
     assert this_rank(up["data_state"], 0, 1) == {"epoch": 0}
     multi = {"step": 1, "rng": {"python": 0, "ranks": [{"python": 0}, {"python": 1}]},
              "data_state": {"world_size": 2, "ranks": [{"rank": 0}, {"rank": 1}]}}
     up = upgrade(multi)
     assert this_rank(up["rng"], 1, 2) == {"python": 1} and this_rank(up["data_state"], 1, 2) == {"rank": 1}
+    # Version 1 keeps its per-rank data positions (train.py goes on in that order on the same number of ranks).
+    v1 = {"format_version": 1, "data_state": {"world_size": 2, "ranks": [{"rank": 0}, {"rank": 1}]}}
+    assert upgrade(v1)["data_state"] == v1["data_state"] and upgrade(v1)["upgraded_from"] == 1
     with pytest.raises(CheckpointError, match="format version 99 is newer"):
         upgrade({"format_version": 99})
 
