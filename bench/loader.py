@@ -1,6 +1,8 @@
-"""Time the data loaders side by side in one run: the seeds' PIL loader against data.py's backends.
+"""Time the data loaders side by side in one run: the seeds' PIL loader against data.py's backends and the last
+release's DALI reader (data_v1.py).
 
     python bench/loader.py [--count 5000] [--batch-size 256] [--json PATH] [--src RAW --shards SHARDS]
+    python bench/loader.py --contenders dali-cpu,dali-cpu-v1      # seed-baseline and these only
 
 Without --src/--shards it draws a fake CelebA of --count images (fake_celeba.py, at the JPEG quality that gives
 real CelebA's mean file size: bench/common.py) and shards it at --size (prepare_shards.py) in a temporary folder.
@@ -11,12 +13,20 @@ in rounds that alternate them (a busy neighbour slows all alike; the best round 
                  as the seed notebook chains them), DataLoader(num_workers=cores, shuffle=True) with the seed's
                  persistent workers (and pinned memory when CUDA is present)
   torch          make_loader(backend="torch") over the shards
-  dali-cpu       make_loader(backend="dali", device="cpu")
+  dali-cpu       make_loader(backend="dali", device="cpu"): data.py's global order, fn.external_source reading the
+                 samples in DALI's parallel Python workers, then DALI's decoder
+  dali-cpu-v1    data_v1.make_loader(backend="dali", device="cpu"): the last release's reader (fn.readers.webdataset
+                 with a shuffle buffer), kept for runs of checkpoint formats 0/1
   dali-gpu       make_loader(backend="dali", device="cuda"), when CUDA is present; there also the rate of a small
                  UNet training step fed by it, next to the same step on a fixed batch
+  dali-gpu-v1    data_v1's reader with mixed decode, when CUDA is present
 Images/s over the timed epochs; CPU seconds per 1,000 images from getrusage (this process and its reaped children:
-DataLoader workers are shut down before the reading, so theirs count), over warm-up and timed epochs together.
-Prints a table and writes {"results": [{"name", "images_per_s", "cpu_s_per_1k", ...}], "machine", "commit"}.
+DataLoader workers and DALI's Python workers are shut down before the reading, so theirs count), over warm-up and
+timed epochs together. Ratios from the same run: each contender against seed-baseline (x_seed_baseline) and each
+new DALI path against its v1 reader (x_v1), both from the best rounds, and each as the median over rounds of the
+ratio within a round (*_rounds_median: the steadier one when a neighbour's load comes and goes).
+Prints a table and writes {"results": [{"name", "images_per_s", "cpu_s_per_1k", "x_seed_baseline", ...}],
+"ratios", "machine", "commit"}.
 """
 from __future__ import annotations
 
@@ -49,7 +59,9 @@ from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
 from manifest import read_manifest  # noqa: E402
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 130)  # the table has six columns
+CONTENDERS = ("seed-baseline", "torch", "dali-cpu", "dali-cpu-v1", "dali-gpu", "dali-gpu-v1")
+V1 = {"dali-cpu": "dali-cpu-v1", "dali-gpu": "dali-gpu-v1"}  # each new DALI path and the last release's reader
 CELEBA_BOX = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # the 128x128 box centred at (89, 121) of 178x218
 
 
@@ -66,6 +78,8 @@ class BenchConfig:
     split: str = "train"  # split of the shards to read
     src: str = ""  # raw CelebA folder (img_align_celeba/*.jpg, or any folder of JPEGs) for seed-baseline
     shards: str = ""  # prepare_shards.py output of --src at --size (give both, or neither)
+    contenders: str = ""  # which of seed-baseline,torch,dali-cpu,dali-cpu-v1,dali-gpu,dali-gpu-v1 to time, "" = all
+    # (seed-baseline always runs: the ratios are against it; the dali-gpu ones need CUDA)
     train_step: bool = True  # with CUDA: also time a small UNet training step fed by dali-gpu
     json: str = ""  # also write the JSON report to this path
 
@@ -187,7 +201,7 @@ def machine() -> dict:
 
 
 def commit() -> str:
-    return common.commit("data.py", "bench/loader.py")
+    return common.commit("data.py", "data_v1.py", "bench/loader.py")
 
 
 def raw_images(src: Path) -> list[Path]:
@@ -208,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     if bool(cfg.src) != bool(cfg.shards):
         raise SystemExit("error: give both --src (raw JPEGs) and --shards (their prepare_shards output), or neither")
+    wanted = common.names(cfg.contenders) if cfg.contenders else list(CONTENDERS)
+    unknown = [n for n in wanted if n not in CONTENDERS]
+    if unknown or not wanted:
+        raise SystemExit(f"error: --contenders {cfg.contenders!r}: choose from {', '.join(CONTENDERS)}")
     console.print(f"[bold]bench/loader[/] {dataclasses.asdict(cfg)}")
     info = machine()
     cores = os.cpu_count() or 1
@@ -234,24 +252,35 @@ def main(argv: list[str] | None = None) -> dict:
         if shard_size != cfg.size:
             console.print(f"[yellow]note: the shards are {shard_size} px; the baseline resizes to {cfg.size} px")
 
-        def loader(backend: str, device: str, threads: int | None) -> Callable[[], Iterable]:
+        def loader(backend: str, device: str, threads: int | None, v1: bool = False) -> Callable[[], Iterable]:
+            if v1:
+                import data_v1
+
+                return lambda: data_v1.make_loader(shards, cfg.batch_size, split=cfg.split, backend=backend,
+                                                   device=device, num_threads=threads)
             return lambda: data.make_loader(shards, cfg.batch_size, split=cfg.split, backend=backend, device=device,
                                             num_threads=threads)
 
-        contenders: dict[str, Callable[[], Iterable]] = {
+        makers: dict[str, Callable[[], Iterable]] = {
             "seed-baseline": lambda: torch.utils.data.DataLoader(
                 SeedBaseline(paths, cfg.size), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
                 pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0),
             "torch": loader("torch", "cpu", workers),
         }
         if info["dali"] is None:
-            console.print(f"[yellow]no DALI: dali-cpu and dali-gpu left out ({data.DALI_PIP})")
+            console.print(f"[yellow]no DALI: the dali-* contenders left out ({data.DALI_PIP})")
         else:
-            contenders["dali-cpu"] = loader("dali", "cpu", cfg.threads or None)
+            threads = cfg.threads or None
+            makers["dali-cpu"] = loader("dali", "cpu", threads)
+            makers["dali-cpu-v1"] = loader("dali", "cpu", threads, v1=True)
             if torch.cuda.is_available():
-                contenders["dali-gpu"] = loader("dali", "cuda", cfg.threads or None)
+                makers["dali-gpu"] = loader("dali", "cuda", threads)
+                makers["dali-gpu-v1"] = loader("dali", "cuda", threads, v1=True)
+        contenders = {name: make for name, make in makers.items()
+                      if name == "seed-baseline" or name in wanted}
 
         best: dict[str, dict] = {}
+        per_round: dict[str, list[float]] = {name: [] for name in contenders}
         with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console) as progress:
             task = progress.add_task("loaders", total=max(1, cfg.rounds) * len(contenders))
             for r in range(max(1, cfg.rounds)):
@@ -260,31 +289,66 @@ def main(argv: list[str] | None = None) -> dict:
                     m = measure(make, cfg.epochs, cfg.min_seconds)
                     progress.console.print(f"round {r + 1}: {name:14s} {m['images_per_s']:9,.0f} images/s  "
                                            f"{m['cpu_s_per_1k']:.3f} CPU s/1k images")
+                    per_round[name].append(m["images_per_s"])
                     if name not in best or m["images_per_s"] > best[name]["images_per_s"]:
                         best[name] = m
                     progress.advance(task)
-        results = [{"name": name, **{k: round(v, 4) for k, v in m.items()}} for name, m in best.items()]
+        results = [{"name": name, **{k: round(v, 4) for k, v in m.items()},
+                    "rounds_images_per_s": [round(v, 1) for v in per_round[name]]} for name, m in best.items()]
         if "dali-gpu" in contenders and cfg.train_step:
             results += train_step_rates(shards, cfg)
 
-    base = best["seed-baseline"]["images_per_s"]
-    for r in results:
-        r["x_seed_baseline"] = round(r["images_per_s"] / base, 2)
-    report = {"results": results, "machine": info, "commit": commit(), "config": dataclasses.asdict(cfg),
-              "raw_images": len(paths), "raw_mean_bytes": round(raw_bytes), "shard_samples": shard_samples}
+    ratios = add_ratios(results, best, per_round)
+    report = {"results": results, "ratios": ratios, "machine": info, "commit": commit(),
+              "config": dataclasses.asdict(cfg), "raw_images": len(paths), "raw_mean_bytes": round(raw_bytes),
+              "shard_samples": shard_samples}
 
     table = Table(title=f"data loaders, batch {cfg.batch_size}, {cfg.size} px, {info['cores']} cores ({info['cpu']})"
-                        + (f", {info['gpu']}" if info["gpu"] else ", no GPU"))
-    for col in ("loader", "images/s", "CPU s / 1k images", "x seed-baseline"):
+                        + (f", {info['gpu']}" if info["gpu"] else ", no GPU")
+                        + f", best of {max(1, cfg.rounds)} rounds")
+    for col in ("loader", "images/s", "CPU s / 1k images", "x seed-baseline", "(median round)", "x v1",
+                "(median round)"):
         table.add_column(col, justify="left" if col == "loader" else "right")
+
+    def x(r: dict, key: str, spec: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:{spec}}x"
+
     for r in results:
         cpu = "-" if r["cpu_s_per_1k"] is None else f"{r['cpu_s_per_1k']:.3f}"
-        table.add_row(r["name"], f"{r['images_per_s']:,.0f}", cpu, f"{r['x_seed_baseline']:.1f}x")
+        table.add_row(r["name"], f"{r['images_per_s']:,.0f}", cpu, x(r, "x_seed_baseline", ".1f"),
+                      x(r, "x_seed_baseline_rounds_median", ".1f"), x(r, "x_v1", ".2f"),
+                      x(r, "x_v1_rounds_median", ".2f"))
     console.print(table)
+    if any(name in contenders for name in V1.values()):
+        console.print("dali-*-v1: the last release's reader (data_v1.py: fn.readers.webdataset, shuffle buffer); "
+                      "dali-cpu / dali-gpu: data.py's global order through fn.external_source")
     print(json.dumps(report))
     if cfg.json:
         atomic_write(cfg.json, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder
     return report
+
+
+def add_ratios(results: list[dict], best: dict[str, dict], per_round: dict[str, list[float]]) -> dict:
+    """x_seed_baseline on every row (best rounds) and x_seed_baseline_rounds_median on the timed loaders; x_v1 and
+    x_v1_rounds_median on the new DALI rows whose v1 reader ran. Returns the same ratios keyed "A / B" for the
+    report's top level."""
+    base = best["seed-baseline"]["images_per_s"]
+    ratios = {}
+    for r in results:
+        r["x_seed_baseline"] = round(r["images_per_s"] / base, 2)
+        if r["name"] != "seed-baseline" and r["name"] in best:
+            r["x_seed_baseline_rounds_median"] = round(float(np.median(
+                [a / b for a, b in zip(per_round[r["name"]], per_round["seed-baseline"])])), 2)
+            ratios[f"{r['name']} / seed-baseline"] = r["x_seed_baseline"]
+            ratios[f"{r['name']} / seed-baseline, median round"] = r["x_seed_baseline_rounds_median"]
+        old = V1.get(r["name"])
+        if old in best:
+            r["x_v1"] = round(r["images_per_s"] / best[old]["images_per_s"], 3)
+            r["x_v1_rounds_median"] = round(float(np.median(
+                [a / b for a, b in zip(per_round[r["name"]], per_round[old])])), 3)
+            ratios[f"{r['name']} / {old}"] = r["x_v1"]
+            ratios[f"{r['name']} / {old}, median round"] = r["x_v1_rounds_median"]
+    return ratios
 
 
 if __name__ == "__main__":
