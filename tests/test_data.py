@@ -426,6 +426,24 @@ def test_truncated_tar_met_while_reading(broken, backend, workers):
     one_line(e, tar)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_broken_jpeg_is_one_line_naming_its_sample(broken, backend):
+    """The same size, its marker segments overwritten (DALI's CPU decoder would crash the process on it: the DALI
+    reader checks the framing first, data.check_image_structure)."""
+    tar = broken / "train-000001.tar"
+    line = (broken / "train-000001.idx").read_text().splitlines()[6].split()
+    offset, size = next((int(line[i + 1]), int(line[i + 2])) for i in range(0, len(line), 4)
+                        if line[i + 3].endswith(".jpg"))
+    with open(tar, "r+b") as f:
+        f.seek(offset + 2)
+        f.write(bytes(size - 4))
+    key = line[3].split(".")[0]
+    with pytest.raises(ShardReadError, match=f"sample {key}: cannot decode its jpg") as e:
+        for _ in loader(broken, backend, 16, shuffle=False):
+            pass
+    one_line(e, tar)
+
+
 def test_read_error_frees_the_workers_and_a_retry_continues(broken):
     """A failed epoch stops its DataLoader workers at once; once the tar is back, iterating again goes on from the
     failed batch with fresh workers."""
