@@ -13,7 +13,8 @@ sample at position p of that order is mirrored when default_rng([seed, e, 1]).ra
 next world_size x batch_size samples of the order (the global batch); rank r of W takes its contiguous slice of them.
 The position is one pair, (epoch, samples consumed in it), so a loader on any number of ranks, with any batch size,
 continues where another stopped: every sample of an epoch once, none twice. An epoch ends when fewer samples than a
-global batch are left (drop_last) or with one partial batch (drop_last=False: the evaluation readers).
+global batch are left (drop_last, which several ranks need) or with one partial batch (drop_last=False: the
+evaluation readers).
 
 - "dali": fn.external_source in DALI's parallel Python workers reads each batch's encoded images and attributes
   from the tars at the offsets in the DALI `.idx` files (one pread a sample, a stateless callable of the batch
@@ -762,6 +763,8 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
     if batch_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"data: need batch_size >= 1 and 0 <= rank < world_size (got {batch_size}, "
                         f"{rank}, {world_size})")
+    if world_size > 1 and not drop_last:  # a last, partial global batch could leave a rank without a sample
+        raise DataError(f"data: several ranks ({world_size}) read with drop_last=True only")
     data_dir = Path(data_dir)
     try:
         manifest = read_manifest(data_dir)
