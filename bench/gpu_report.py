@@ -183,10 +183,19 @@ def step_result(name: str, report: dict) -> list[str]:
             lines.append(f"{t['preset']} largest batch {t['largest_batch']}: {fmt(t['ddim50_images_per_s'])} "
                          f"DDIM-50 img/s ({t['precision']} {t['mode']})")
         return lines or ["no timed row"]
-    if name == "ema" and r and "ema" in r:
-        e = r["ema"]
-        return [f"{e['preset']}: torch-ema {e['torch_ema_ms']:.3f} ms = {100 * e['torch_ema_share_of_step']:.2f}% of a "
-                f"step; one foreach lerp_ {e['foreach_ms']:.3f} ms; switch advised: {e['foreach_advised']}"]
+    if name == "ema" and r and ("ema" in r or "draws" in r):
+        lines = []
+        if "ema" in r:
+            e = r["ema"]
+            lines.append(f"{e['preset']}: torch-ema {e['torch_ema_ms']:.3f} ms = "
+                         f"{100 * e['torch_ema_share_of_step']:.2f}% of a step; one foreach lerp_ "
+                         f"{e['foreach_ms']:.3f} ms; switch advised: {e['foreach_advised']}")
+        if r.get("draws", {}).get("rows"):
+            d = r["draws"]
+            lines.append(f"draws, {d['preset']} batch {d['batch']} per rank, step {d['step_ms']:.1f} ms: "
+                         + ", ".join(f"W={row['world_size']} {row['draw_ms']:.2f} ms "
+                                     f"(+{100 * row['extra_share_of_step']:.2f}%)" for row in d["rows"]))
+        return lines
     if name == "decode" and r:
         return [f"{'PASS' if r['pass'] else 'FAIL'} {r['candidate']} vs {r['reference']}: max "
                 f"{r['max_abs_levels']:.2f} levels (tol {r['tol_levels']:g}) over {r['images']} images"]

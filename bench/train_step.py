@@ -1,7 +1,8 @@
 """Time the training step that train.py runs (step.train_step) and the loop around it, side by side in one run.
 
-    python bench/train_step.py [--parts grid,ema,data,e2e] [--presets small64,celeba64,celeba128] [--json PATH]
+    python bench/train_step.py [--parts grid,ema,draws,data,e2e] [--presets small64,celeba64,celeba128] [--json PATH]
     python bench/train_step.py --cpu            # tiny sizes on the CPU: what the tests run (no GPU figure)
+    python bench/train_step.py --cpu --parts draws --draws-preset tiny --image-size 64 --batch-size 32
 
 Parts, each printed as a table and written to --json as soon as it is done (grid rows one by one):
   grid  each preset x precision (fp16 | bf16 | fp32) x layout (nchw | channels_last) x mode (eager | compile) at
@@ -13,6 +14,12 @@ Parts, each printed as a table and written to --json as soon as it is done (grid
         Rows run eager first and in the order of the flags, so that --budget-s cuts the least important ones.
   ema   torch-ema's update alone (one tensor at a time), one torch._foreach_lerp_ over all tensors (the same
         average), and torch-ema's share of a whole step of --ema-preset at train.py's default settings.
+  draws what drawing a step's random inputs (t, noise; with --cond also the unconditional rows and free attributes)
+        for the whole global batch costs each rank: train.py draws W x --batch-size rows from the step's seeded
+        generator and keeps its slice (train.step_draws, GaussianDiffusion.draws). Times the draws for W = 1, 2, 4, 8
+        (--draws-worlds) next to one training step of --draws-preset at --batch-size given its draws (the draws=
+        path) and the same step drawing its own (generator=): each W's draw time as a share of the step, and the
+        extra over W = 1 (what the global order adds).
   data  the share of a short real run's wall time spent waiting for the next batch, as train.py's "data_wait" but
         with the GPU synchronised every step (so a wait is time the GPU sat idle): DALI (mixed decode on a GPU)
         and the torch loader over the same shards.
@@ -58,14 +65,14 @@ from utills import PRECISIONS, TrainState, autocast  # noqa: E402
 
 # Wide when logging to a file: the grid table has ten columns.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
-PARTS = ("grid", "ema", "data", "e2e")
+PARTS = ("grid", "ema", "draws", "data", "e2e")
 LAYOUTS = ("nchw", "channels_last")
 MODES = ("eager", "compile")
 
 
 @dataclass
 class BenchConfig:
-    parts: str = "grid,ema,data,e2e"  # which parts to run, in this order: grid, ema, data, e2e
+    parts: str = "grid,ema,draws,data,e2e"  # which parts to run, in this order: grid, ema, draws, data, e2e
     cpu: bool = False  # run on the CPU with tiny sizes (the tests' mode); flags given explicitly still win
     presets: str = "small64,celeba64,celeba128"  # grid: UNet presets
     precisions: str = "fp16,bf16,fp32"  # grid: autocast precisions
@@ -79,6 +86,9 @@ class BenchConfig:
     compile_estimate_s: float = 90.0  # grid: what a compile row is assumed to take before one has been timed
     ema_preset: str = "celeba64"  # ema: the preset whose step the EMA update is compared with
     ema_updates: int = 50  # ema: timed updates of each kind
+    draws_preset: str = "celeba64"  # draws: the preset whose step the draw time is compared with
+    draws_worlds: str = "1,2,4,8"  # draws: numbers of ranks W (each rank draws W x --batch-size rows)
+    draws_reps: int = 20  # draws: timed draws of each size
     data_preset: str = "small64"  # data: the UNet trained in the short real runs
     data_steps: int = 60  # data and e2e: timed steps of each loop
     e2e_preset: str = "celeba64"  # e2e: the UNet of both loops
@@ -91,15 +101,17 @@ class BenchConfig:
 
     BOUNDS: ClassVar[dict[str, str]] = {
         "image_size": ">= 0", "batch_size": ">= 1", "warmup": ">= 0", "steps": ">= 1", "budget_s": ">= 0",
-        "compile_estimate_s": ">= 0", "ema_updates": ">= 1", "data_steps": ">= 1", "count": ">= 1", "workers": ">= 0"}
-    CHOICES: ClassVar[dict[str, tuple]] = {"ema_preset": tuple(PRESETS), "data_preset": tuple(PRESETS),
-                                           "e2e_preset": tuple(PRESETS)}
+        "compile_estimate_s": ">= 0", "ema_updates": ">= 1", "draws_reps": ">= 1", "data_steps": ">= 1",
+        "count": ">= 1", "workers": ">= 0"}
+    CHOICES: ClassVar[dict[str, tuple]] = {"ema_preset": tuple(PRESETS), "draws_preset": tuple(PRESETS),
+                                           "data_preset": tuple(PRESETS), "e2e_preset": tuple(PRESETS)}
 
 
 # What --cpu changes (fields not given on the command line): the tiny preset at 32 px, a few small steps, no compile.
 # bf16 is left out because a bf16 step of even the tiny UNet takes seconds on a CPU; fp16 stays for its GradScaler.
 CPU_DEFAULTS = dict(presets="tiny", precisions="fp32,fp16", modes="eager", image_size=32, batch_size=4, warmup=1,
-                    steps=2, ema_preset="tiny", ema_updates=5, data_preset="tiny", data_steps=4, e2e_preset="tiny",
+                    steps=2, ema_preset="tiny", ema_updates=5, draws_preset="tiny", draws_reps=5, data_preset="tiny",
+                    data_steps=4, e2e_preset="tiny",
                     count=96)
 NO_CUDA = "needs CUDA"
 
@@ -112,6 +124,10 @@ def check_lists(cfg: BenchConfig) -> None:
         bad = [v for v in common.names(getattr(cfg, field)) if v not in allowed]
         if bad or not common.names(getattr(cfg, field)):
             raise config.ConfigError(f"{config.flag(field)} {getattr(cfg, field)!r}: choose from {', '.join(allowed)}")
+    worlds = common.names(cfg.draws_worlds)
+    if not worlds or not all(w.isdigit() and int(w) >= 1 for w in worlds):
+        raise config.ConfigError(f"{config.flag('draws_worlds')} {cfg.draws_worlds!r}: give numbers of ranks >= 1, "
+                                 "comma-separated (e.g. 1,2,4,8)")
 
 
 # ---------------------------------------------------------------------------------------------- the real step
@@ -343,6 +359,81 @@ def run_ema(cfg: BenchConfig, device: torch.device, report: dict) -> None:
                   f"{out['step_ms']:.1f} ms, torch-ema's share {100 * share:.2f}%")
 
 
+# ----------------------------------------------------------------------------------------------------- draws
+
+DRAW_COND = dict(cond_dim=40, p_uncond=0.1, p_free=0.8)  # CelebA's 40 attributes at train.py's --cond defaults
+
+
+def draws_step_times(cfg: BenchConfig, device: torch.device, preset: str, size: int, precision: str,
+                     diffusion: GaussianDiffusion, gen: torch.Generator) -> tuple[float, float]:
+    """Seconds per train_step of `preset` at --batch-size given its draws (train.py's path), and per step drawing its
+    own local batch from `gen` (generator=). Its model and optimizer go when it returns."""
+    state = make_state(preset, size, device, precision, channels_last=False)
+    amp = autocast(device, precision)
+    x0 = torch.rand(cfg.batch_size, 3, size, size, device=device).mul(2).sub(1)
+    local = diffusion.draws(tuple(x0.shape), gen, device)
+
+    def given_step() -> None:
+        train_step(state.model, state, diffusion, x0, amp=amp, draws=local, grad_clip=1.0)
+
+    def own_step() -> None:
+        train_step(state.model, state, diffusion, x0, amp=amp, generator=gen, grad_clip=1.0)
+
+    timed(given_step, device, cfg.warmup, 1)
+    given, own = [], []
+    for _ in range(2):  # alternated, the faster of two timings of each: a busy neighbour slows both alike
+        given.append(timed(given_step, device, 0, cfg.steps)[1])
+        own.append(timed(own_step, device, 0, cfg.steps)[1])
+    given, own = min(given), min(own)
+    return given, own
+
+
+def run_draws(cfg: BenchConfig, device: torch.device, report: dict) -> None:
+    """The cost of drawing the global batch's random inputs on each rank (train.step_draws): GaussianDiffusion.draws
+    of W x --batch-size rows from a freshly seeded generator on the device, sliced to this rank's rows, for each W of
+    --draws-worlds, against one train_step of --draws-preset at --batch-size."""
+    preset, size, b = cfg.draws_preset, image_size(cfg, cfg.draws_preset), cfg.batch_size
+    precision = "fp16" if device.type == "cuda" else "fp32"  # train.py's --precision auto
+    diffusion = GaussianDiffusion().to(device)
+    gen = torch.Generator(device).manual_seed(1)
+    step_s, step_gen_s = draws_step_times(cfg, device, preset, size, precision, diffusion, gen)
+    common.free(device)
+    seeds = iter(range(1 << 62))
+
+    def draw(world: int, cond: dict) -> None:
+        # As train.step_draws: seed the generator for the step, draw the global batch, keep rank 0's slice.
+        gen.manual_seed(next(seeds))
+        diffusion.draws((world * b, 3, size, size), gen, device, **cond).rows(slice(0, b))
+
+    rows, base = [], {}
+    for world in sorted({int(w) for w in common.names(cfg.draws_worlds)}):
+        row = {"world_size": world, "rows_drawn": world * b}
+        for key, cond in (("", {}), ("_cond", DRAW_COND)):
+            _, s = timed(lambda: draw(world, cond), device, 2, cfg.draws_reps)
+            base.setdefault(key, s)  # the smallest W (1 by default): drawing this rank's batch alone
+            row[f"draw_ms{key}"] = round(s * 1e3, 4)
+            row[f"share_of_step{key}"] = round(s / step_s, 5)
+            row[f"extra_share_of_step{key}"] = round((s - base[key]) / step_s, 5)
+        rows.append(row)
+    out = {"preset": preset, "image_size": size, "batch": b, "precision": precision, "reps": cfg.draws_reps,
+           "step_ms": round(step_s * 1e3, 3), "step_generator_ms": round(step_gen_s * 1e3, 3),
+           "cond": dict(DRAW_COND), "rows": rows,
+           "note": "extra_share_of_step: (draw time at W - at the smallest W) / step_ms, the cost of drawing the "
+                   "global batch instead of this rank's own; *_cond: with the conditional draws as well"}
+    report["draws"] = out
+    table = Table(title=f"drawing the global batch's random inputs, {preset} at {size} px, batch {b} per rank, "
+                        f"{precision}; one step {out['step_ms']:.1f} ms given its draws ({out['step_generator_ms']:.1f}"
+                        " ms drawing its own)")
+    for col in ("ranks W", "rows drawn", "draw ms", "share of step", "extra vs W=1", "draw ms (cond)",
+                "extra vs W=1 (cond)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["world_size"]), f"{r['rows_drawn']:,}", f"{r['draw_ms']:.3f}",
+                      f"{100 * r['share_of_step']:.2f}%", f"{100 * r['extra_share_of_step']:.2f}%",
+                      f"{r['draw_ms_cond']:.3f}", f"{100 * r['extra_share_of_step_cond']:.2f}%")
+    console.print(table)
+
+
 # ------------------------------------------------------------------------------------------ data wait and e2e
 
 def real_loop(loader: Iterable, step: Callable[[torch.Tensor], object], device: torch.device, warmup: int,
@@ -372,10 +463,19 @@ def real_loop(loader: Iterable, step: Callable[[torch.Tensor], object], device: 
 
 def ours_step(state: TrainState, net: torch.nn.Module, device: torch.device, precision: str
               ) -> Callable[[torch.Tensor], object]:
+    """train.py's step on one rank: the step's random inputs drawn from a generator seeded for the step (W = 1: its
+    own batch is the global batch), then train_step given them."""
     diffusion = GaussianDiffusion().to(device)
-    gen = torch.Generator(device).manual_seed(1)
+    gen = torch.Generator(device)
     amp = autocast(device, precision)
-    return lambda x0: train_step(net, state, diffusion, x0, amp=amp, generator=gen, grad_clip=1.0)
+    seeds = iter(range(1 << 62))
+
+    def step(x0: torch.Tensor) -> object:
+        gen.manual_seed(next(seeds))
+        draws = diffusion.draws(tuple(x0.shape), gen, device)
+        return train_step(net, state, diffusion, x0, amp=amp, draws=draws, grad_clip=1.0)
+
+    return step
 
 
 def to_layout(channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -529,6 +629,9 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     if "ema" in parts:
         run_ema(cfg, device, report)
+        save()
+    if "draws" in parts:
+        run_draws(cfg, device, report)
         save()
     if "data" in parts or "e2e" in parts:
         with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:

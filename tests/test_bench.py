@@ -32,11 +32,31 @@ def test_loader_bench_json(tmp_path: Path):
     report = json.loads(path.read_text())
     check_machine(report)
     names = [r["name"] for r in report["results"]]
-    assert names[:3] == ["seed-baseline", "torch", "dali-cpu"]
-    for r in report["results"][:3]:
+    assert names[:4] == ["seed-baseline", "torch", "dali-cpu", "dali-cpu-v1"]  # v1: the last release's reader
+    for r in report["results"][:4]:
         assert r["images_per_s"] > 0 and r["cpu_s_per_1k"] > 0 and r["images"] > 0
+        assert len(r["rounds_images_per_s"]) == 1 and r["x_seed_baseline"] > 0
     assert report["raw_images"] == 300 and report["raw_mean_bytes"] > 0
     assert report["results"][0]["x_seed_baseline"] == 1.0
+    new, old = report["results"][2], report["results"][3]
+    assert new["x_v1"] == pytest.approx(new["images_per_s"] / old["images_per_s"], rel=1e-2)
+    assert new["x_v1_rounds_median"] > 0 and "x_v1" not in old
+    ratios = report["ratios"]
+    assert ratios["dali-cpu / seed-baseline"] == new["x_seed_baseline"]
+    assert ratios["dali-cpu / dali-cpu-v1"] == new["x_v1"] and "dali-cpu / dali-cpu-v1, median round" in ratios
+
+
+def test_loader_bench_contenders(tmp_path: Path):
+    """--contenders times a subset (seed-baseline always: the ratios are against it); a wrong name is one line."""
+    path = tmp_path / "loader.json"
+    run_bench("loader.py", "--count", "120", "--batch-size", "32", "--epochs", "1", "--min-seconds", "0",
+              "--rounds", "2", "--contenders", "dali-cpu-v1,dali-cpu", "--json", str(path))
+    results = json.loads(path.read_text())["results"]
+    assert [r["name"] for r in results] == ["seed-baseline", "dali-cpu", "dali-cpu-v1"]
+    assert all(len(r["rounds_images_per_s"]) == 2 for r in results) and results[1]["x_v1"] > 0
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loader.py"), "--contenders", "dali-cpu,pil"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--contenders" in out.stderr and "dali-cpu-v1" in out.stderr
 
 
 def test_loader_bench_on_given_data(celeba_src: Path, shards64: Path, tmp_path: Path):
@@ -120,6 +140,7 @@ def test_train_step_bench_json(gpu_check_cpu):
     ema = report["ema"]["ema"]
     assert ema["torch_ema_ms"] > 0 and ema["foreach_ms"] > 0 and ema["step_ms"] > 0
     assert ema["foreach_max_abs_diff"] < 1e-6 and ema["foreach_advised"] is None
+    check_draws(report["ema"]["draws"], worlds=[1, 2, 4, 8], batch=4)  # the ema step also times the draws
     data, e2e = report["data_e2e"]["data"], report["data_e2e"]["e2e"]
     assert [d["loader"] for d in data["rows"]] == ["dali-cpu", "torch"] and "dali-mixed" in data["nulls"]
     assert all(0 <= d["data_wait"] < 1 and d["images_per_s"] > 0 for d in data["rows"])
@@ -138,6 +159,32 @@ def test_sampling_bench_json(gpu_check_cpu):
     assert all(r["skipped"] == "needs CUDA" for r in s["rows"] if r["mode"] == "graphs")
     (t,) = s["throughput"]
     assert t["largest_batch"] == 8 and t["ddim50_images_per_s"] > 0 and [p["batch"] for p in t["points"]] == [4, 8]
+
+
+def check_draws(d: dict, worlds: list[int], batch: int) -> None:
+    assert d["batch"] == batch and d["step_ms"] > 0 and d["step_generator_ms"] > 0 and d["cond"]["cond_dim"] == 40
+    assert [r["world_size"] for r in d["rows"]] == worlds
+    for r in d["rows"]:
+        assert r["rows_drawn"] == r["world_size"] * batch
+        assert r["draw_ms"] > 0 and r["draw_ms_cond"] > 0
+        assert r["share_of_step"] == pytest.approx(r["draw_ms"] / d["step_ms"], rel=1e-2, abs=1e-5)
+    assert d["rows"][0]["extra_share_of_step"] == 0 and d["rows"][0]["extra_share_of_step_cond"] == 0
+
+
+def test_train_step_bench_draws(tmp_path: Path):
+    """The draws part alone, tiny: the global batch's draws for each number of ranks against one step."""
+    path = tmp_path / "draws.json"
+    run_bench("train_step.py", "--cpu", "--parts", "draws", "--draws-worlds", "2,1", "--draws-reps", "2",
+              "--json", str(path))
+    report = json.loads(path.read_text())
+    assert report["gpu_figures"] is False and set(report) >= {"draws", "machine", "commit"}
+    check_draws(report["draws"], worlds=[1, 2], batch=4)
+
+
+def test_train_step_bench_rejects_bad_worlds():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--cpu", "--draws-worlds", "1,0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--draws-worlds '1,0'" in out.stderr
 
 
 def test_sampling_bench_budget(tmp_path: Path):
