@@ -84,10 +84,7 @@ def test_stopped_on_2_ranks_resumed_on_1_then_3_is_the_uninterrupted_run(shards:
     steps = [json.loads(line)["step"] for line in (pieces / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 16))  # every step logged once
     assert distance(final(whole), final(pieces)) <= TOLERANCE
-    if loader == "torch":  # the scale of a real difference: the same run with another seed
-        other = tmp_path / "other-seed"
-        train_on(2, shards, other, loader, 15, "--seed", "1")
-        assert distance(final(whole), final(other)) > 1000 * TOLERANCE
+    # (test_accum_2_is_the_same_step_as_accum_1 shows the scale of a real difference: another seed, ~0.49.)
 
 
 def run_here(shards: Path, out: Path, *extra: str) -> Path | None:
@@ -173,17 +170,21 @@ def test_elastic_torchrun_goes_on_at_the_new_world_size_after_losing_a_node(shar
     (step 10) on one rank and finishes, every step logged once."""
     import psutil
 
-    out = tmp_path / "run"
+    out, port = tmp_path / "run", free_port()
     launcher = [*TORCHRUN[:3], "--nnodes=1:2", "--nproc_per_node=1", "--max-restarts=3", f"--rdzv_id=t{os.getpid()}",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--monitor-interval=1",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_conf=last_call_timeout=2",
+                "--monitor-interval=1",
                 str(ROOT / "train.py"), "--data", str(shards), "--out", str(out), *FLAGS, "--loader", "torch",
                 "--steps", "30"]
     logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
     nodes = []
-    for log in logs:
-        nodes.append(subprocess.Popen(launcher, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
     try:
+        for log in logs:
+            nodes.append(subprocess.Popen(launcher, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            # The first launcher hosts the rendezvous store (c10d): start the second once it listens, so that the
+            # node lost below is never the store's (losing that one ends the job: use a stable host for it).
+            wait_listening(port, nodes[0])
         deadline = time.monotonic() + TIMEOUT
         while not (out / "checkpoints" / "step-00000010.pt").exists() or last_step(out) < 12:
             assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "node0.log").read_text()
@@ -204,6 +205,18 @@ def test_elastic_torchrun_goes_on_at_the_new_world_size_after_losing_a_node(shar
     assert load_checkpoint(final(out, 30))["step"] == 30
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))
+
+
+def wait_listening(port: int, proc: subprocess.Popen) -> None:
+    import socket
+
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None and time.monotonic() < deadline, "the first launcher never listened"
+        time.sleep(0.1)
 
 
 def last_step(out: Path) -> int:
