@@ -171,16 +171,6 @@ def check_draws(d: dict, worlds: list[int], batch: int) -> None:
     assert d["rows"][0]["extra_share_of_step"] == 0 and d["rows"][0]["extra_share_of_step_cond"] == 0
 
 
-def test_train_step_bench_draws(tmp_path: Path):
-    """The draws part alone, tiny: the global batch's draws for each number of ranks against one step."""
-    path = tmp_path / "draws.json"
-    run_bench("train_step.py", "--cpu", "--parts", "draws", "--draws-worlds", "2,1", "--draws-reps", "2",
-              "--json", str(path))
-    report = json.loads(path.read_text())
-    assert report["gpu_figures"] is False and set(report) >= {"draws", "machine", "commit"}
-    check_draws(report["draws"], worlds=[1, 2], batch=4)
-
-
 def test_train_step_bench_rejects_bad_worlds():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--cpu", "--draws-worlds", "1,0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
