@@ -657,8 +657,10 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             set_run_lr(optimizer, scheduler, cfg, total_steps)
             if resumed.rng is not None:
                 restore_rng(resumed.rng)
-                if legacy:
+                if legacy and "noise" in resumed.rng:
                     noise_gen.set_state(resumed.rng["noise"])
+                elif legacy:  # the oldest files kept no noise stream: the seeding of that code
+                    noise_gen.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
             else:  # a new number of ranks: fresh dropout streams, apart from those of the first start
                 torch.manual_seed(cfg.seed + 1_000_003 * (ranks.rank + 1) + state.step)
             if ranks.is_main:
