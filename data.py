@@ -401,6 +401,9 @@ def _import_dali():
 
 # glibc's mallopt parameters (malloc.h)
 _M_TOP_PAD, _M_MMAP_THRESHOLD = -2, -3
+# The trainer's stop signals (train.STOP_SIGNALS; SIGUSR1 is Slurm's warning before the time limit): Slurm signals
+# every process of a job step, and a worker must neither die of one nor act on it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent dies
 _malloc_tuned: bool | None = None
 
@@ -468,14 +471,14 @@ class DaliSource:
         self._ready_in = -1
 
     def _in_worker(self) -> None:
-        """Once per worker process: leave SIGTERM/SIGINT to the trainer (Slurm and Ctrl-C signal the whole process
+        """Once per worker process: leave the stop signals to the trainer (Slurm and Ctrl-C signal the whole process
         group; a worker killed by one would fail the step before the trainer could checkpoint), and die with the
         trainer: DALI's workers wait for tasks forever, so a trainer killed with SIGKILL would leave them behind."""
         self._ready_in = os.getpid()
         if self._ready_in == self.parent:  # called in the trainer itself (not DALI's parallel mode)
             return
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
         prctl = getattr(ctypes.CDLL(None), "prctl", None)
         if prctl is not None:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -651,13 +654,13 @@ class _BatchReader(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the main process, which finishes its step and saves a checkpoint.
+    """Workers leave the stop signals to the main process, which finishes its step and saves a checkpoint.
 
     Slurm and Ctrl-C signal the whole process group; a worker killed by it would make the main process raise
     before it could save. Workers still exit with the main process (PyTorch's watchdog checks the parent).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 # Every DataLoader iterator this module started, and its worker processes. The iterator, not the DataLoader, owns

@@ -9,8 +9,11 @@ Run the same command again and it continues from the newest checkpoint in OUT/ch
 (`--resume auto`): model, EMA, optimizer, loss scale, LR schedule, step, epoch, image count, data position and every
 random state come back, so on the CPU a run killed at any moment ends bit-identical to one never interrupted (with
 the same thread count: float sums depend on it).
-SIGTERM or SIGINT (preemption, notebook limits) finishes the step, writes a checkpoint and exits 0; a second SIGINT
-exits at once. During the start-up, before the first step, either one stops at once, also with exit 0.
+SIGTERM, SIGINT or SIGUSR1 (preemption, notebook limits, Slurm's warning before the time limit) finishes the step,
+writes a checkpoint and exits 0; a second SIGINT exits at once. During the start-up, before the first step, any of them
+stops at once, also with exit 0. With TRAIN_STATUS_FILE set (slurm/train.sbatch sets it), rank 0 leaves there how the
+start ended: {"status": "done" | "stopped" | "failed", "step", "steps", ...}, so a job script can tell a finished run
+from one to requeue.
 `--batch-size` counts images per step over all ranks. One global sample order (data.py) and step noise drawn from
 (seed, step) for the whole global batch make a step the same on any number of ranks: a run stopped on 8 GPUs continues
 on 4 (or 1, or 3) exactly, up to the order of floating-point sums; only dropout masks differ per rank.
@@ -28,11 +31,20 @@ def stop_before_first_step(signum: int, frame: object) -> None:
     written atomically, so what was being written (a reference cache, config.json) is complete or absent."""
     os.write(1, f"stopped by {signal.Signals(signum).name} before the first step (during start-up): nothing was "
                 f"trained; run the same command again\n".encode())
+    stopped_early.append(signum)
     raise SystemExit(0)
 
 
+stopped_early: list[int] = []  # the signal that ended the start-up, for report_status
+
+
+# SIGUSR1: Slurm's warning before the time limit (`--signal=USR1@...`, slurm/train.sbatch), which torchrun ignores
+# (SIGTERM to torchrun makes it kill its workers 30 s later, checkpoint written or not).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # data.STOP_SIGNALS: the workers ignore them
+STATUS_ENV = "TRAIN_STATUS_FILE"
+
 if __name__ == "__main__":  # from the first line: a preemption during the imports below is a clean stop too
-    for _signal in (signal.SIGTERM, signal.SIGINT):
+    for _signal in STOP_SIGNALS:
         signal.signal(_signal, stop_before_first_step)
 
 import contextlib
@@ -527,9 +539,21 @@ def catch_stop_signals(cleanup: contextlib.ExitStack) -> list[int]:
         if stop_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop_signal.append(signum)  # acted on after the step (printing from a handler is not safe)
-    for s in (signal.SIGTERM, signal.SIGINT):
+    for s in STOP_SIGNALS:
         cleanup.callback(signal.signal, s, signal.signal(s, on_signal))
     return stop_signal
+
+
+def report_status(status: str, **fields: Any) -> None:
+    """How this start ended, for a job script (TRAIN_STATUS_FILE; rank 0 only): "done" (the run reached its last step),
+    "stopped" (by a signal, after a checkpoint) or "failed" (a one-line error)."""
+    path = os.environ.get(STATUS_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        record = {"status": status, **fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            atomic_write(Path(path), (json.dumps(record) + "\n").encode())
+        except OSError as e:  # the job script then goes by the exit status alone
+            print(f"warning: {STATUS_ENV}={path}: could not write the run's status ({e.strerror})", flush=True)
 
 
 @dataclass
@@ -773,17 +797,30 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
 
     if state.step >= total_steps and ckpts.last is not None:
         log.say(f"[bold green]done[/]: step {state.step}, {state.images_seen} images; last checkpoint {ckpts.last}")
+    last = ckpts.last or ckpt_path
+    report_status("done" if state.step >= total_steps else "stopped", step=state.step, steps=total_steps,
+                  signal=signal.Signals(stop_signal[0]).name if stop_signal else None,
+                  checkpoint=str(last) if last else None)
     return ckpts.last
 
 
 def cli(argv: list[str] | None = None) -> Path | None:
     """The command line: a user's error is one line and exit status 1, anything else a traceback."""
-    previous = {s: signal.signal(s, stop_before_first_step) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, stop_before_first_step) for s in STOP_SIGNALS}
     try:
         with config.user_errors():
             return main(*config.parse(TrainConfig, argv))
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without a traceback
         raise SystemExit(130) from None
+    except SystemExit as e:
+        if stopped_early:
+            report_status("stopped", step=None, signal=signal.Signals(stopped_early[0]).name)
+        elif e.code not in (0, None):  # a user's error (one line); 0 is --help's
+            report_status("failed", error=str(e.code))
+        raise
+    except BaseException as e:
+        report_status("failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
