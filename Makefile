@@ -20,8 +20,12 @@ $(STAMP): requirements.lock requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-nodeps.txt
 	@cat requirements.lock requirements-nodeps.txt > $(STAMP)
 
+# Two test files at a time (pytest-xdist; a file's tests stay together, so its module fixtures are built once): most
+# tests run torch on one thread or wait on subprocesses, so a 2-core machine does both at once. TEST_WORKERS=0 runs
+# them one by one.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # The style, pinned in pyproject.toml ([tool.ruff]): line length, import order, pyflakes. CI runs it before the tests.
 lint: $(STAMP)

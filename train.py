@@ -728,7 +728,11 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             # Fetch the next batch; an exhausted loader starts the next epoch.
             t0 = time.perf_counter()
             state.epoch = loader.epoch  # the epoch this batch belongs to
-            batch = next(batches, None)
+            try:
+                batch = next(batches, None)
+            except ShardReadError:
+                watch.check()  # a shard rewritten under the reader: say that, rather than what the read ran into
+                raise
             if batch is None:
                 watch.check()
                 batches = iter(loader)
