@@ -61,10 +61,14 @@ def one_thread():
 def pytest_unconfigure(config: pytest.Config) -> None:
     """If the interpreter then hangs on its way out (a child process or thread something forgot to stop), print every
     thread's stack and exit 1 after $DDPM_TEST_EXIT_GRACE_S seconds (120), rather than hold CI until its time limit
-    with nothing to show."""
+    with nothing to show. Not in pytest-xdist's workers: a worker unconfigures when its last file is done, then
+    serves its controller until the other worker is done too, minutes later; the controller's own guard covers the
+    end of the run, and a worker left over is the controller's child."""
     import faulthandler
     import os
     import sys
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     faulthandler.dump_traceback_later(float(os.environ.get("DDPM_TEST_EXIT_GRACE_S", 120)), exit=True,
                                       file=sys.__stderr__)
