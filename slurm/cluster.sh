@@ -25,7 +25,44 @@
 # anything found by name, since another cluster may be running.
 #
 # Every `start` is a fresh cluster: controller state and spool are wiped, so
-# job IDs restart at 1 (logs are appended to).
+# job IDs restart at 1 (logs are appended to). Settings are read at start only
+# (a `start` of a cluster that is already up changes nothing):
+#   CLUSTER_SH_CRED_EXPIRE=120       requeued jobs' BeginTime delay (below)
+#   CLUSTER_SH_PREEMPT_MODE=cancel   cancel|requeue: PreemptMode for preemption
+#   CLUSTER_SH_GRACE_TIME=20         the debug partition's GraceTime (seconds)
+#   CLUSTER_SH_PREEMPT_USER_SIGNAL=0 1: SlurmctldParameters=preempt_send_user_signal
+#   CLUSTER_SH_SCHED_INTERVAL=       main scheduler period (Slurm's default: 60)
+#
+# Partitions: `debug` (Default=YES, PriorityTier=1) is where jobs go without -p,
+# exactly as before; `urgent` (PriorityTier=2, same node) exists to preempt it
+# (PreemptType=preempt/partition_prio). Nothing is preempted unless an urgent
+# job needs CPUs that debug jobs hold (CR_CPU), e.g. whole-node jobs:
+#   sbatch --exclusive job.sh                       # the victim, in debug
+#   sbatch -p urgent --exclusive --wrap 'sleep 5'   # preempts it at once
+# What Slurm 22.05 then does to the victim, measured (KillWait=10):
+#  - at once: PreemptTime is set (`scontrol show job`); JobState stays RUNNING
+#    and Reason None (never "Preempted", not later either). SIGCONT+SIGTERM go
+#    to the tasks of its srun steps only, NOT to the batch shell nor to srun; a
+#    task that does not trap TERM dies (srun exits 143) while the batch shell
+#    runs on. With CLUSTER_SH_PREEMPT_USER_SIGNAL=1 a job's --signal replaces
+#    that SIGTERM: B:USR1@N reaches only the batch shell, USR1@N only the step
+#    tasks (without it, --signal is not sent at preemption at all).
+#  - then the kill, "JOB N CANCELLED AT ... DUE TO PREEMPTION". Not exactly at
+#    GraceTime's end: at the first main-scheduler pass for the urgent job that
+#    is past GraceTime and >= KillWait+MessageTimeout (20 s) after its previous
+#    preemption attempt, or at slurmctld's time-limit check (every 30 s) past
+#    GraceTime. Measured with GraceTime 20 (and 5): 20-22 s after the urgent
+#    job's submission with CLUSTER_SH_SCHED_INTERVAL=1, 20-50 s with Slurm's
+#    default 60 s interval unless a pass is triggered (`scontrol update
+#    jobid=URGENT_JOB nice=0` once the 20 s are over); GraceTime 30: 33-41 s.
+#    Then: JobState COMPLETING, Reason None, every process, batch shell and srun
+#    included, gets SIGCONT+SIGTERM (srun: "Job step aborted", "forcing job
+#    termination"), SIGKILL after KillWait. In requeue mode Slurm has requeued
+#    the job by then (Restarts+1; a `scontrol requeue` from the script fails:
+#    "Job is pending execution"); in cancel mode a `scontrol requeue` from the
+#    TERM trap succeeds (Restarts+1 at once), else the job ends PREEMPTED
+#    (ExitCode 0:9 if it outlived KillWait). Requeued: PENDING, Reason
+#    BeginTime (see CRED_EXPIRE), after the COMPLETING phase.
 set -euo pipefail
 
 die() {  # die [RC] MESSAGE: one line to stderr, non-zero exit
@@ -55,6 +92,16 @@ MARKER_VAR=CLUSTER_SH_STATE_DIR
 # (BeginTime is pushed out that far). 120 is Slurm's default; tests that want
 # requeued jobs to restart on their own sooner can lower it (minimum 5).
 CRED_EXPIRE=${CLUSTER_SH_CRED_EXPIRE:-120}
+# Preemption (see the header): what happens to a debug job that an urgent job
+# needs the CPUs of (cancel or requeue), the debug partition's GraceTime, and
+# whether a preempted job that asked for a --signal gets that signal instead of
+# the SIGTERM at the start of GraceTime. An empty SCHED_INTERVAL keeps Slurm's
+# 60 s main loop, so ordinary jobs are scheduled exactly as before; 1 makes the
+# end of a preemption punctual (see the header).
+PREEMPT_MODE=${CLUSTER_SH_PREEMPT_MODE:-cancel}
+GRACE_TIME=${CLUSTER_SH_GRACE_TIME:-20}
+PREEMPT_USER_SIGNAL=${CLUSTER_SH_PREEMPT_USER_SIGNAL:-0}
+SCHED_INTERVAL=${CLUSTER_SH_SCHED_INTERVAL:-}
 KILL_WAIT=10       # slurm.conf KillWait: TERM -> KILL grace for cancelled jobs
 IDLE_TIMEOUT=60    # seconds to wait for the node to become idle
 
@@ -210,6 +257,22 @@ do_start() {
   if ! [[ $CRED_EXPIRE =~ ^[0-9]+$ ]] || ((CRED_EXPIRE < 5)); then
     die "CLUSTER_SH_CRED_EXPIRE must be an integer >= 5, got '$CRED_EXPIRE'"
   fi
+  local preempt_mode sched_params=batch_sched_delay=0 ctld_params=""
+  case ${PREEMPT_MODE,,} in
+    cancel) preempt_mode=CANCEL ;;
+    requeue) preempt_mode=REQUEUE ;;
+    *) die "CLUSTER_SH_PREEMPT_MODE must be cancel or requeue, got '$PREEMPT_MODE'" ;;
+  esac
+  [[ $GRACE_TIME =~ ^[0-9]+$ ]] || die "CLUSTER_SH_GRACE_TIME must be an integer >= 0, got '$GRACE_TIME'"
+  case $PREEMPT_USER_SIGNAL in
+    0) ;;
+    1) ctld_params="SlurmctldParameters=preempt_send_user_signal" ;;  # 22.05: not PreemptParameters
+    *) die "CLUSTER_SH_PREEMPT_USER_SIGNAL must be 0 or 1, got '$PREEMPT_USER_SIGNAL'" ;;
+  esac
+  if [[ -n $SCHED_INTERVAL ]]; then
+    [[ $SCHED_INTERVAL =~ ^[1-9][0-9]*$ ]] || die "CLUSTER_SH_SCHED_INTERVAL must be an integer >= 1, got '$SCHED_INTERVAL'"
+    sched_params+=,sched_interval=$SCHED_INTERVAL
+  fi
   ensure_installed
   export PATH=$PATH:/usr/sbin:/sbin
 
@@ -314,15 +377,21 @@ MailProg=/bin/true
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Start batch jobs right after submission instead of up to 3 s later.
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=$sched_params
 ReturnToService=2
 JobRequeue=1
 KillWait=$KILL_WAIT
 # Keep finished jobs in 'scontrol show job' for 10 min so tests can inspect
 # JobState/Restarts/ExitCode.
 MinJobAge=600
+# Preemption by partition: a job in 'urgent' (higher PriorityTier) that needs
+# CPUs held by 'debug' jobs preempts them; debug jobs never preempt each other.
+PreemptType=preempt/partition_prio
+PreemptMode=$preempt_mode
+$ctld_params
 $nodeline NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACE_TIME
+PartitionName=urgent Nodes=$node MaxTime=INFINITE State=UP PriorityTier=2
 EOF
   export SLURM_CONF=$CONF
 
@@ -331,7 +400,7 @@ EOF
 
   local i st=""
   for ((i = 0; i < IDLE_TIMEOUT * 10; i++)); do
-    st=$(timeout 5 sinfo -h -N -n "$node" -o %T 2>/dev/null || true)
+    st=$(timeout 5 sinfo -h -N -n "$node" -p debug -o %T 2>/dev/null || true)
     [[ $st == idle ]] && break
     if ((i > 20)); then  # pid files appear a moment after the daemons fork
       pidfile_pid "$CTLD_PID" slurmctld >/dev/null || fail_start "slurmctld died"
@@ -343,7 +412,8 @@ EOF
   exec 9<&-  # release the port lock
 
   write_env
-  say "cluster up in $STATE (node $node, slurmctld port $ctld_port, slurmd port $slurmd_port)"
+  say "cluster up in $STATE (node $node, slurmctld port $ctld_port, slurmd port $slurmd_port;" \
+    "partitions debug (default) and urgent, PreemptMode=$preempt_mode, GraceTime=$GRACE_TIME)"
   cat "$ENV_FILE"
 }
 
