@@ -5,8 +5,9 @@ A tiny CPU run on two ranks (NPROC_PER_NODE=2, gloo, the DALI loader) gets the s
 (`scancel --signal=USR1 --batch`, what `#SBATCH --signal=B:USR1@300` sends before the time limit): a checkpoint at
 the stop, the job requeued (PENDING, Restarts=1), and after `scontrol update starttime=now` (skipping the BeginTime
 Slurm gives a requeued job) the run finishes on the second start, every step logged once, the job COMPLETED 0:0.
-A failed start is not requeued past MAX_FAILURES; a plain scancel ends the job without a requeue. Skipped, with the
-reason, where the daemons cannot be started (not root and no Slurm installed).
+A failed start is not requeued past MAX_FAILURES; a plain scancel ends the job without a requeue; a preemption
+(a job of a higher-priority partition) checkpoints and requeues. Skipped, with the reason, where the daemons cannot
+be started (not root and no Slurm installed).
 """
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Com
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
-def submit(env: dict[str, str], cwd: Path, log: Path, *args: str, script: str = str(SBATCH)) -> str:
-    proc = run(["sbatch", "--parsable", f"--output={log}", script, *args], env, cwd)
+def submit(env: dict[str, str], cwd: Path, log: Path, *args: str, script: str | None = str(SBATCH),
+           options: tuple[str, ...] = ()) -> str:
+    proc = run(["sbatch", "--parsable", f"--output={log}", *options, *([script] if script else []), *args], env, cwd)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -145,3 +147,26 @@ def test_a_cancelled_job_is_not_requeued(slurm: dict[str, str], shards: Path, tm
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), info
     wait_for("the script's last line", lambda: "not requeued" in log.read_text(), log, timeout=30)
     assert "the job was cancelled (JobState COMPLETING): not requeued" in log.read_text()
+
+
+def test_a_preempted_job_checkpoints_and_requeues(slurm: dict[str, str], shards: Path, tmp_path: Path):
+    """A job of slurm/cluster.sh's `urgent` partition preempts the run (partition_prio, PreemptMode=CANCEL, GraceTime
+    20 s): Slurm sends SIGTERM to the training step's processes, torchrun passes it to train.py, which checkpoints and
+    exits within the grace time; the script sees the job's PreemptTime and requeues it."""
+    if "urgent" not in run(["sinfo", "-h", "-o", "%P"], slurm).stdout:
+        pytest.skip("this cluster has no 'urgent' partition to preempt with (slurm/cluster.sh makes one)")
+    out, log, status = tmp_path / "run", tmp_path / "slurm.out", tmp_path / "slurm.status"
+    env = {**slurm, "TRAIN_STATUS_FILE": str(status)}
+    job_id = submit(env, tmp_path, log, "--data", str(shards), "--out", str(out), *TINY, "--loader", "torch",
+                    "--steps", "1000", options=("--exclusive",))
+    wait_for("step 3", lambda: (logged_steps(out) or [0])[-1] >= 3, log)
+    urgent = submit(env, tmp_path, tmp_path / "urgent.out", options=("-p", "urgent", "--exclusive",
+                                                                     "--wrap=sleep 1"), script=None)
+    info = wait_for("the requeue", lambda: (i := job(env, job_id)).get("JobState") == "PENDING" and i, log)
+    stop = json.loads(status.read_text())
+    assert info["Restarts"] == "1" and stop["status"] == "stopped" and stop["signal"] == "SIGTERM", (info, stop)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [f"step-{stop['step']:08d}.pt"]
+    text = log.read_text()
+    assert f"stopped by SIGTERM at step {stop['step']}" in text and "preempted at" in text
+    assert "stopped (preempted) with a checkpoint" in text
+    run(["scancel", job_id, urgent], env)
