@@ -179,19 +179,12 @@ def test_elastic_torchrun_goes_on_at_the_new_world_size_after_losing_a_node(shar
                 "--monitor-interval=1",
                 str(ROOT / "train.py"), "--data", str(shards), "--out", str(out), *FLAGS, "--loader", "torch",
                 "--steps", "20"]
-    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
-    nodes = []
-    try:
-        for log in logs:
-            nodes.append(subprocess.Popen(launcher, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-            # The first launcher hosts the rendezvous store (c10d): start the second once it listens, so that the
-            # node lost below is never the store's (losing that one ends the job: use a stable host for it). Both
-            # must join within last_call_timeout (15 s): a node joining a running job makes torchrun restart the
-            # workers, a path that timed out in its rendezvous 1 time in 2 here with 2 s.
-            wait_listening(port, nodes[0])
+    # The first launcher hosts the rendezvous store (c10d), so the node lost below is never the store's (losing that
+    # one ends the job: use a stable host for it). Both must join within last_call_timeout (15 s): a node joining a
+    # running job makes torchrun restart the workers, a path that timed out in its rendezvous 1 time in 2 here with 2 s.
+    with launchers(launcher, port, tmp_path) as nodes:
         deadline = time.monotonic() + TIMEOUT
-        while not (out / "checkpoints" / "step-00000010.pt").exists() or last_step(out) < 12:
+        while not (out / "checkpoints" / "step-00000010.pt").exists() or (logged_steps(out) or [0])[-1] < 12:
             assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "node0.log").read_text()
             time.sleep(0.1)
         lost = [nodes[1].pid, *(p.pid for p in psutil.Process(nodes[1].pid).children(recursive=True))]
@@ -199,17 +192,10 @@ def test_elastic_torchrun_goes_on_at_the_new_world_size_after_losing_a_node(shar
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert nodes[0].wait(timeout=TIMEOUT) == 0, (tmp_path / "node0.log").read_text()[-3000:]
-    finally:
-        for node in nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGKILL)
-        for log in logs:
-            log.close()
     log = (tmp_path / "node0.log").read_text()
     assert "the number of ranks changed: 2 -> 1" in log and "resuming from" in log
     assert load_checkpoint(final(out, 20))["step"] == 20
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 21))
+    assert logged_steps(out) == list(range(1, 21))
 
 
 def wait_listening(port: int, proc: subprocess.Popen) -> None:
@@ -224,8 +210,29 @@ def wait_listening(port: int, proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def last_step(out: Path) -> int:
+@contextlib.contextmanager
+def launchers(cmd: list[str], port: int, logs: Path, count: int = 2):
+    """`count` torchrun launchers of `cmd` as separate "nodes", each in its own session, logging to logs/nodeI.log.
+    The first hosts the c10d rendezvous store on `port`; the others start once it listens, and join it. However the
+    block ends, every launcher's process group is killed."""
+    files, procs = [], []
     try:
-        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    except (OSError, IndexError, ValueError):
-        return 0
+        for i in range(count):
+            files.append(open(logs / f"node{i}.log", "w"))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=files[i], stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            wait_listening(port, procs[0])
+        yield procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in files:
+            f.close()
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The steps of RUN/metrics.jsonl's complete records, in order ([] before the first)."""
+    path = out / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]

@@ -11,8 +11,6 @@ before exiting 0 (measured: 306 s), too slow for this suite; README, "Several ma
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from test_elastic import ENV, FLAGS, ROOT, free_port, wait_listening
+from test_elastic import ENV, FLAGS, ROOT, free_port, launchers, logged_steps
 from utills import load_checkpoint
 
 TIMEOUT = 240
@@ -36,34 +34,17 @@ def launcher(out: Path, shards: Path, port: int, nnodes: int, steps: int) -> lis
             "--ckpt-every", "1000", "--steps", str(steps)]
 
 
-def logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
-
-
 @contextlib.contextmanager
 def two_nodes(out: Path, shards: Path, logs: Path, steps: int, after: int = 0):
     """Start two launchers (the first hosts the rendezvous store); yields them once step `after` + 3 is logged."""
-    port, procs, files = free_port(), [], []
-    try:
-        for i in range(2):
-            files.append(open(logs / f"node{i}.log", "w"))
-            procs.append(subprocess.Popen(launcher(out, shards, port, 2, steps), cwd=ROOT, env=ENV, stdout=files[i],
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-            wait_listening(port, procs[0])  # the first launcher hosts the store: the second joins it
+    port = free_port()
+    with launchers(launcher(out, shards, port, 2, steps), port, logs) as procs:
         deadline = time.monotonic() + TIMEOUT
         while (logged_steps(out) or [0])[-1] < after + 3:
             assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
                 (logs / "node0.log").read_text()[-3000:]
             time.sleep(0.1)
         yield procs
-    finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-        for f in files:
-            f.close()
 
 
 def ended(procs: list[subprocess.Popen], logs: Path, within: float = 90) -> list[int]:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from test_elastic import logged_steps
+
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "slurm" / "train.sbatch"
 TIMEOUT = 180
@@ -79,12 +81,6 @@ def wait_for(what: str, check, log: Path, timeout: float = TIMEOUT):
                         (log.read_text()[-4000:] if log.exists() else "(none)"))
         time.sleep(0.2)
     return value
-
-
-def logged_steps(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
 
 
 def test_warned_job_checkpoints_requeues_and_finishes(slurm: dict[str, str], shards: Path, tmp_path: Path):
