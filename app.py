@@ -4,8 +4,9 @@
     python app.py --ckpt RUN/checkpoints/step-00004000.pt --port 8000 --device cpu
 
 The page shows what the checkpoint is (step, images seen, parameters, image size, EMA or not, conditional or not)
-with the run's loss curve and FID history, and offers sample.py's settings: sampler, steps, eta, seed, number of
-faces, precision, and for a conditional model one yes / no / free control per attribute and the guidance scale.
+with the run's loss curve and FID history, and offers sample.py's settings: sampler (diffusion.SAMPLERS: DDIM, DDPM,
+DPM-Solver++(2M)), steps, timestep spacing, eta, seed, number of faces, precision, and for a conditional model one
+yes / no / free control per attribute and the guidance scale.
 Generate makes the grid through sample.py's own functions (sample_n, then save_grid to a PNG file: the code path of
 `sample.py --out`), so the page shows the bytes `sample.py` writes for the same settings and seed; the status line
 prints that sample.py command. Each face is also its own PNG (the bytes of `sample.py --outdir`), downloadable from
@@ -47,6 +48,7 @@ import torch
 from rich.console import Console
 
 import config
+import diffusion
 from atomic import atomic_write
 from config import UserError
 from grids import png_bytes, save_grid, to_uint8
@@ -327,14 +329,17 @@ def generate(current: CurrentModel, app_cfg: AppConfig, workdir: Path, values: d
                                                                                    str]:
     """Make the faces the page asks for -> (grid PNG, one PNG per face, trajectory PNG or None, status line).
 
-    values: ckpt, ema, sampler, steps, eta, seed, n, precision, trajectory, guidance, attrs (the page's controls).
+    values: ckpt, ema, sampler, steps, spacing, eta, seed, n, precision, trajectory, guidance, attrs (the page's
+    controls; spacing defaults to "auto").
     Raises UserErrors (SampleError, ConfigError, CheckpointError, ...) with one-line messages.
     """
     n = int(values["n"])
     if not 1 <= n <= app_cfg.max_faces:
         raise AppError(f"faces: {n} is not in 1..{app_cfg.max_faces} (app.py --max-faces)")
+    # eta is DDIM's noise: the slider's value is not an error for the other samplers, only unused.
     scfg = SampleConfig(ckpt=values["ckpt"], n=n, batch_size=app_cfg.batch_size, sampler=values["sampler"],
-                        steps=int(values["steps"]), eta=float(values["eta"]), seed=int(values["seed"]),
+                        steps=int(values["steps"]), spacing=values.get("spacing", "auto"),
+                        eta=float(values["eta"]) if values["sampler"] == "ddim" else 0.0, seed=int(values["seed"]),
                         ema=bool(values["ema"]), device=app_cfg.device, threads=app_cfg.threads,
                         precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]),
                         out="grid.png", trajectory="trajectory.png" if values["trajectory"] else "")  # for check_memory
@@ -476,11 +481,13 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
                     fids = gr.Markdown(elem_id="fid")
             with gr.Column(scale=3):
                 with gr.Row():
-                    sampler = gr.Radio(list(SampleConfig.CHOICES["sampler"]), value=SampleConfig.sampler,
-                                       label="sampler", elem_id="sampler")
+                    sampler = gr.Radio(list(diffusion.SAMPLERS), value=SampleConfig.sampler,
+                                       label="sampler (dpm++2m: DPM-Solver++, 10-20 steps)", elem_id="sampler")
                     precision = gr.Radio(list(PRECISIONS), value="fp32", label="precision", elem_id="precision")
                 with gr.Row():
                     steps = gr.Slider(1, 1000, value=50, step=1, label="steps", elem_id="steps")
+                    spacing = gr.Dropdown(list(SampleConfig.CHOICES["spacing"]), value=SampleConfig.spacing,
+                                          label="timestep spacing", elem_id="spacing", min_width=140)
                     eta = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="eta (DDIM noise: 0 deterministic)",
                                     elem_id="eta")
                 with gr.Row():
@@ -508,7 +515,8 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
                 traj = gr.Image(label="noise to face", type="filepath", format="png", interactive=False, height=360,
                                 visible=False, elem_id="traj", buttons=["download", "fullscreen"])
 
-        controls = {"ckpt": dropdown, "ema": ema, "sampler": sampler, "steps": steps, "eta": eta, "seed": seed,
+        controls = {"ckpt": dropdown, "ema": ema, "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
+                    "seed": seed,
                     "n": n, "precision": precision, "trajectory": trajectory, "guidance": guidance}
         for trigger in (dropdown.change, ema.change):
             trigger(on_select, [dropdown, ema], [info, note, status])

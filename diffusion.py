@@ -1,4 +1,4 @@
-"""The Gaussian diffusion: noise schedule, training loss and the DDPM / DDIM samplers.
+"""The Gaussian diffusion: noise schedule, training loss and the DDPM, DDIM and DPM-Solver++(2M) samplers.
 
 Notation follows DDPM (Ho et al. 2020) and improved-diffusion: beta_t the per-step noise variance, alpha_t = 1 - beta_t,
 alpha_bar_t = prod_{s<=t} alpha_s, and
@@ -30,7 +30,15 @@ Model = Callable[..., torch.Tensor]
 
 SCHEDULES = ("linear", "cosine")
 OBJECTIVES = ("eps", "v", "x0")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddim", "ddpm", "dpm++2m")
+# Which timesteps a sampler with fewer steps than T visits (make_timesteps); the last three are diffusers' names.
+SPACINGS = ("uniform", "quadratic", "linspace", "leading", "trailing")
+# Each sampler's spacing when none is given: DDPM's and DDIM's as before; for DPM-Solver++ diffusers' default, which
+# starts at T - 1 and spaces the steps evenly to the end (uniform's last step, from t = T/steps to t = 0, is a long step
+# in lambda that the second-order extrapolation handles badly: measured in tests/test_dpm_solver.py).
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpm++2m": "linspace"}
+# Whether each sampler clamps its x0 predictions to [-1, 1] when not told (GaussianDiffusion.sample says why).
+DEFAULT_CLIP = {"ddpm": True, "ddim": True, "dpm++2m": False}
 
 
 def linear_betas(timesteps: int) -> np.ndarray:
@@ -53,13 +61,27 @@ def cosine_betas(timesteps: int, max_beta: float = 0.999) -> np.ndarray:
 
 
 def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.ndarray:
-    """The original timesteps a `steps`-step sampler visits, ascending, int64.
+    """The original timesteps a `steps`-step sampler visits, ascending, int64 (it then goes on to alpha_bar = 1).
 
     "uniform": round(i * T / steps), i = 0..steps-1 (DDIM's range(0, T, T // steps) when steps divides T);
     "quadratic": int(linspace(0, sqrt(0.8 T), steps)^2) as in the DDIM code, where the first few would repeat (near
     0) each is bumped to one past its predecessor, so there are exactly `steps` distinct timesteps (fewer only when
     steps is so large that they would pass T - 1).
+    "linspace", "leading", "trailing": exactly the timesteps of diffusers' DPMSolverMultistepScheduler.set_timesteps
+    with its class defaults (steps_offset 0, lambda_min_clipped -inf; Lin et al. 2023, "Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", table 2). For T = 1000 and 10 steps, visited from noise to data:
+        uniform    900 800 700 600 500 400 300 200 100   0
+        quadratic  800 632 483 355 246 158  88  39   9   0
+        linspace   999 899 799 699 599 500 400 300 200 100
+        leading    900 810 720 630 540 450 360 270 180  90
+        trailing   999 899 799 699 599 499 399 299 199  99
+    Only "linspace" and "trailing" start at T - 1 (the noisiest step, where x_T ~ N(0, I) is nearly exact); only
+    "uniform" and "quadratic" end at t = 0. "trailing": numpy's float arange gives one extra step for some counts
+    (e.g. 61 of 1000: ..., 15, -1), which diffusers would pass to the model as timestep -1; it is dropped here.
+    "linspace" and "leading" would repeat timesteps at steps = T, so they take at most T - 1 steps.
     """
+    if spacing not in SPACINGS:
+        raise ConfigError(f"diffusion: unknown spacing {spacing!r} (choose from {', '.join(SPACINGS)})")
     if not 1 <= steps <= timesteps:
         raise ConfigError(f"diffusion: steps must be in 1..{timesteps}, got {steps}")
     if spacing == "uniform":
@@ -69,7 +91,18 @@ def make_timesteps(timesteps: int, steps: int, spacing: str = "uniform") -> np.n
         for i in range(1, len(ts)):
             ts[i] = max(ts[i], ts[i - 1] + 1)
     else:
-        raise ConfigError(f"diffusion: unknown spacing {spacing!r} (choose uniform or quadratic)")
+        # diffusers' expressions, verbatim in numpy (with T = num_train_timesteps = last_timestep).
+        if spacing == "linspace":
+            ts = np.linspace(0, timesteps - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, steps + 1) * (timesteps // (steps + 1))).round()[::-1][:-1].astype(np.int64)
+        else:
+            ts = np.arange(timesteps, 0, -(timesteps / steps)).round().astype(np.int64) - 1
+            ts = ts[ts >= 0]
+        if len(np.unique(ts)) != steps:
+            raise ConfigError(f"diffusion: spacing {spacing!r} repeats timesteps at {steps} steps of {timesteps}; "
+                              f"choose at most {timesteps - 1} steps")
+        return np.sort(ts)
     return np.unique(np.minimum(ts.astype(np.int64), timesteps - 1))
 
 
@@ -401,21 +434,32 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         cond: torch.Tensor | None = None,
         guidance: float = 1.0,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         progress: bool = False,
         return_trajectory: bool = False,
         noise: torch.Tensor | None = None,
-        spacing: str = "uniform",
+        spacing: str | None = None,
         variance: str = "fixed_small",
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Generate samples [B, C, H, W] from x_T ~ N(0, I) (or `noise`), float32.
 
         sampler "ddpm": ancestral sampling, over all T steps when steps == T (or None), else over `steps` respaced
         timesteps with the betas recomputed for them; `variance` "fixed_small" or "fixed_large".
-        sampler "ddim": `steps` timesteps (spacing "uniform" or "quadratic"), eta = 0 deterministic to 1 (DDPM-like).
+        sampler "ddim": `steps` timesteps, eta = 0 deterministic to 1 (DDPM-like).
+        sampler "dpm++2m": DPM-Solver++(2M) (Lu et al. 2022), the deterministic multistep second-order solver of the
+        probability-flow ODE in data prediction, as diffusers' DPMSolverMultistepScheduler with its defaults.
+        spacing: which timesteps the respaced samplers visit (SPACINGS, make_timesteps; None: DEFAULT_SPACING, "uniform"
+        for ddpm/ddim and "linspace" for dpm++2m); every chain then ends at the clean data (alpha_bar = 1). The model
+        is called once per visited timestep (twice the rows with guidance).
+        clip_denoised: clamp each predicted x0 to [-1, 1]; None means on for ddpm/ddim (as their papers' code) and off
+        for dpm++2m: the solver extrapolates from the last two x0 predictions, and a clamp makes x0 a non-smooth
+        function of t that breaks the second-order step (and with it the match with diffusers, whose thresholding is
+        off by default); a well-trained model's x0 stays in range where it matters, near the end of the chain.
         cond [B, D] with guidance != 1: classifier-free guidance. All noise comes from `generator`, so a generator in a
         given state gives the same samples. Put the model in eval() first. With return_trajectory, also returns
         the x0 predictions [B, C, H, W] at about 8 evenly spaced steps (the last is the final sample's).
+        callback(i, t, x, pred_x0): called after step i (from timestep t) with the new x and that step's x0 prediction.
         """
         if sampler not in SAMPLERS:
             raise ConfigError(f"diffusion: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
@@ -425,6 +469,9 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"diffusion: noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         if cond is not None and cond.shape[0] != shape[0]:
             raise ValueError(f"diffusion: cond has {cond.shape[0]} rows for a batch of {shape[0]}")
+        if clip_denoised is None:
+            clip_denoised = DEFAULT_CLIP[sampler]
+        spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
         device = _sample_device(model, noise, cond) or self.betas.device
         steps = self.num_timesteps if steps is None else steps
         timesteps = make_timesteps(self.num_timesteps, steps, spacing)[::-1].copy()
@@ -437,21 +484,33 @@ class GaussianDiffusion(nn.Module):
         n = len(timesteps)
         keep = set(np.round(np.linspace(0, n - 1, min(8, n))).astype(int).tolist())
         trajectory: list[torch.Tensor] = []
+        solver = DPMSolverPP2M(self.alphas_cumprod, timesteps) if sampler == "dpm++2m" else None
         steps_iter = track(range(n), description=f"{sampler} {n} steps", disable=not progress, transient=True)
         for i in steps_iter:
             t = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
             t_prev = torch.full_like(t, int(prev_timesteps[i]))
-            out = self.p_mean_variance(model, x, t, cond, clip_denoised, guidance, t_prev, variance)
-            with _no_autocast(device):
-                last = i == n - 1
-                if sampler == "ddpm":
-                    x = out["mean"]
-                    if not last:
-                        x = x + out["variance"].sqrt() * _randn(tuple(shape), generator, device)
-                else:
-                    x = self._ddim_step(x, t, t_prev, out, eta, generator, last)
+            if solver is not None:
+                output = self.model_output(model, x, t, cond, guidance)
+                with _no_autocast(device):
+                    pred_x0 = self.predict_x0(output, x, t)
+                    if clip_denoised:
+                        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+                    x = solver.step(i, x, pred_x0)
+            else:
+                out = self.p_mean_variance(model, x, t, cond, clip_denoised, guidance, t_prev, variance)
+                pred_x0 = out["pred_x0"]
+                with _no_autocast(device):
+                    last = i == n - 1
+                    if sampler == "ddpm":
+                        x = out["mean"]
+                        if not last:
+                            x = x + out["variance"].sqrt() * _randn(tuple(shape), generator, device)
+                    else:
+                        x = self._ddim_step(x, t, t_prev, out, eta, generator, last)
+            if callback is not None:
+                callback(i, int(timesteps[i]), x, pred_x0)
             if return_trajectory and i in keep:
-                trajectory.append(out["pred_x0"].clone())
+                trajectory.append(pred_x0.clone())
         return (x, trajectory) if return_trajectory else x
 
     def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, out: dict[str, torch.Tensor],
@@ -466,3 +525,47 @@ class GaussianDiffusion(nn.Module):
             x_next = x_next + sigma * _randn(tuple(x.shape), generator, x.device)
         return x_next
 
+
+
+class DPMSolverPP2M:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2, the midpoint form), stepping through the visited
+    timesteps of one chain: x_{s0} -> x_t with the data predictions m0 = x0(x_{s0}) and m1 = x0(x_{s1}) of this step
+    and the one before,
+        h = lambda_t - lambda_s0,  h_0 = lambda_s0 - lambda_s1,  r0 = h_0 / h,  lambda = log(alpha / sigma),
+        x_t = (sigma_t / sigma_s0) x_s0 - alpha_t (e^-h - 1) (m0 + (m0 - m1) / (2 r0)),
+    with alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar). The first step (no m1 yet) and the last (to
+    alpha_bar = 1, sigma = 0: lambda is infinite there) are first order, x_t = (sigma_t / sigma_s0) x_s0 - alpha_t
+    (e^-h - 1) m0, which is DDIM with eta = 0; this is diffusers' DPMSolverMultistepScheduler with solver_order 2,
+    lower_order_final and final_sigmas_type "zero". The coefficients are computed in float64 from the model's own
+    alpha_bar and applied to the float32 sample; -alpha_t (e^-h - 1) is written alpha_t - alpha_s0 sigma_t / sigma_s0,
+    which stays finite at sigma_t = 0.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, timesteps: np.ndarray):
+        ab = alphas_cumprod.detach().double().cpu().numpy()
+        # alpha_bar at the visited timesteps (descending) and at the end of the chain, the clean data.
+        abar = np.append(ab[np.asarray(timesteps, dtype=np.int64)], 1.0)
+        self.alpha, self.sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+        with np.errstate(divide="ignore"):
+            self.lam = np.log(self.alpha) - np.log(self.sigma)  # +inf at the end
+        self.n = len(timesteps)
+        self.prev_x0: torch.Tensor | None = None
+
+    def coefficients(self, i: int) -> tuple[float, float, float]:
+        """(a, b0, b1) of step i: x_next = a x + b0 m0 + b1 m1 (b1 = 0 for a first-order step)."""
+        a = self.sigma[i + 1] / self.sigma[i]
+        c = self.alpha[i + 1] - self.alpha[i] * a  # = -alpha_t (e^-h - 1)
+        if i == 0 or i == self.n - 1:
+            return float(a), float(c), 0.0
+        h, h_0 = self.lam[i + 1] - self.lam[i], self.lam[i] - self.lam[i - 1]
+        half_over_r0 = 0.5 * h / h_0
+        return float(a), float(c * (1.0 + half_over_r0)), float(-c * half_over_r0)
+
+    def step(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """x at the next visited timestep (or the clean data after the last), float32."""
+        a, b0, b1 = self.coefficients(i)
+        x_next = a * x.float() + b0 * x0
+        if b1 != 0.0:
+            x_next = x_next + b1 * self.prev_x0
+        self.prev_x0 = x0
+        return x_next

@@ -42,6 +42,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 import config
+import diffusion
 import fid
 import inception
 from atomic import atomic_write
@@ -53,10 +54,12 @@ from sample import (
     batches,
     check_config,
     check_model_settings,
+    clip_of,
     console,
     existing_images,
     progress_bar,
     sample_images,
+    spacing_of,
     write_outdir,
 )
 from utills import LoadedModel, load_model, os_errors_as_write_error, pick_device, run_paths, set_threads
@@ -73,8 +76,10 @@ class EvalConfig:
     ref_max: int = 0  # use at most this many reference images (0: the whole split)
     n: int = 50000  # generated images
     batch_size: int = 256  # images per sampling and per feature batch
-    sampler: str = "ddim"  # ddim | ddpm
+    sampler: str = "ddim"  # ddim | ddpm | dpm++2m (as sample.py)
     steps: int = 50  # sampling steps
+    spacing: str = "auto"  # timesteps: auto | uniform | quadratic | linspace | leading | trailing (as sample.py)
+    clip: str = "auto"  # clamp predicted x0: auto (on for ddim/ddpm, off for dpm++2m) | on | off
     eta: float = 0.0  # DDIM noise (0 deterministic)
     variance: str = "fixed_small"  # DDPM variance: fixed_small or fixed_large
     seed: int = 0  # sampling seed (image i from (seed, i)); also seeds the KID subsets
@@ -99,7 +104,9 @@ class EvalConfig:
     judge_guidance: str = "1,3"  # guidance scales of the requested-attribute report
     judge_n: int = 200  # samples per setting of the attribute report
 
-    CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin")}
+    CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin"),
+                               "sampler": SampleConfig.CHOICES["sampler"], "spacing": SampleConfig.CHOICES["spacing"],
+                               "clip": SampleConfig.CHOICES["clip"]}
     BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "batch_size": ">= 1", "steps": ">= 1", "eta": "0..1",
                               "seed": ">= 0", "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "kid_max": ">= 2",
                               "threads": ">= 0", "guidance": ">= 0", "judge_n": ">= 1"}
@@ -134,7 +141,8 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
 def sample_config(cfg: EvalConfig) -> SampleConfig:
     """The sample.py settings that make the evaluated images."""
     return SampleConfig(ckpt=cfg.ckpt, n=cfg.n, batch_size=cfg.batch_size, sampler=cfg.sampler, steps=cfg.steps,
-                        eta=cfg.eta, variance=cfg.variance, seed=cfg.seed, ema=cfg.ema, device=cfg.device,
+                        spacing=cfg.spacing, clip=cfg.clip, eta=cfg.eta, variance=cfg.variance, seed=cfg.seed,
+                        ema=cfg.ema, device=cfg.device,
                         precision=cfg.precision, attrs=cfg.attrs, guidance=cfg.guidance)
 
 
@@ -151,6 +159,10 @@ def default_outdir(run: Path, loaded: LoadedModel, s: SampleConfig) -> Path:
     name = f"step-{max(loaded.step, 0):08d}-{loaded.weights}-{s.sampler}{s.steps}-eta{s.eta}-seed{s.seed}"
     if s.sampler == "ddpm":
         name += f"-{s.variance}"
+    if spacing_of(s) != "uniform":
+        name += f"-{spacing_of(s)}"
+    if clip_of(s) != diffusion.DEFAULT_CLIP[s.sampler]:
+        name += "-clip" if clip_of(s) else "-noclip"
     if s.attrs:
         name += f"-g{s.guidance}-" + hashlib.sha256(s.attrs.encode()).hexdigest()[:8]
     if s.precision != "fp32":
@@ -316,7 +328,8 @@ def main(cfg: EvalConfig) -> dict:
         result["attributes"] = report_attributes(cfg, loaded, judge)
 
     result.update({
-        "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
+        "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "spacing": spacing_of(scfg), "clip": clip_of(scfg),
+                    "eta": cfg.eta,
                     "variance": cfg.variance if cfg.sampler == "ddpm" else None, "seed": cfg.seed,
                     "guidance": cfg.guidance, "attrs": cfg.attrs, "precision": cfg.precision},
         "weights": loaded.weights,

@@ -270,16 +270,18 @@ def scores(gen: FeatureStats, ref: FeatureStats, wanted: tuple[str, ...] | list[
 
 
 class TrainingFID:
-    """FID and KID of `n` EMA samples (DDIM with `steps` steps, the same noise every time) against the training
-    shards' cached statistics; keeps the best FID so far. Rank 0 only; the global random states are left untouched."""
+    """FID and KID of `n` EMA samples (`sampler`, DDIM by default, with `steps` steps and its default spacing, the same
+    noise every time) against the training shards' cached statistics; keeps the best FID so far. Rank 0 only; the
+    global random states are left untouched."""
 
     def __init__(self, shards: str | Path, image_size: int, channels: int, n: int, steps: int, seed: int,
-                 device: torch.device, batch_size: int = 64, ref_max: int = 0, log: Callable[[str], None] = print):
+                 device: torch.device, batch_size: int = 64, ref_max: int = 0, log: Callable[[str], None] = print,
+                 sampler: str = "ddim"):
         # The feature network first: without it, stop before the first training step rather than at the first eval.
         self.net = inception.load_feature_net("inception", device=device)
         self.ref, self.ref_info = reference_stats(shards, "train", self.net, image_size, batch_size=batch_size,
                                                   ref_max=ref_max, log=log)
-        self.n, self.steps, self.batch_size, self.seed = n, steps, batch_size, seed
+        self.n, self.steps, self.batch_size, self.seed, self.sampler = n, steps, batch_size, seed, sampler
         self.noise = torch.randn((n, channels, image_size, image_size), generator=torch.Generator().manual_seed(seed))
 
     @torch.inference_mode()
@@ -291,7 +293,7 @@ class TrainingFID:
         with ema.sampling(model), amp:
             for i in range(0, self.n, self.batch_size):
                 noise = self.noise[i:i + self.batch_size].to(device)
-                x = diffusion.sample(model, tuple(noise.shape), sampler="ddim", steps=min(self.steps,
+                x = diffusion.sample(model, tuple(noise.shape), sampler=self.sampler, steps=min(self.steps,
                                      diffusion.num_timesteps), noise=noise)
                 gen.add(self.net(to_uint8(x)))
         out = scores(gen, self.ref, seed=self.seed, kid_subsets=100, kid_subset_size=1000)

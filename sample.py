@@ -1,6 +1,7 @@
 """Faces out of a run: sample grids and image folders, a noise-to-face strip, export.
 
     python sample.py --ckpt RUN --n 64 --out grid.png              # DDIM-50 grid from the EMA weights
+    python sample.py --ckpt RUN --sampler dpm++2m --steps 15       # DPM-Solver++(2M): as good in 10-20 steps
     python sample.py --ckpt RUN --n 50000 --outdir samples/        # 000000.png, 000001.png ... resumable (for FID)
     python sample.py --ckpt RUN --trajectory traj.png              # noise -> face: predicted x0 at several steps
     python sample.py --ckpt RUN --attrs "Smiling=1,Eyeglasses=1" --guidance 3 --out smiling.png
@@ -17,8 +18,9 @@ Determinism. Image i starts from its own x_T, drawn by a CPU generator seeded fr
 the fixed batches [k*B, (k+1)*B) and a batch's per-step noise (DDPM, or DDIM with eta > 0) comes from a generator
 seeded from (seed, k*B). So the same command gives the same PNG bytes, an --outdir run that was interrupted and
 started again gives the images an uninterrupted run gives, and the grid of --n 16 shows the first 16 images of an
---outdir run. With deterministic DDIM (eta = 0, the default) an image depends only on (seed, i), not on --batch-size
-or --n (up to float rounding of batched kernels); with stochastic sampling it also depends on the batch layout.
+--outdir run. With deterministic DDIM (eta = 0, the default) or DPM-Solver++ an image depends only on (seed, i), not
+on --batch-size or --n (up to float rounding of batched kernels); with stochastic sampling it also depends on the batch
+layout.
 
 Conditioning. `--attrs "Smiling=1,Eyeglasses=0"` sets those attributes and leaves every other one free: the model draws
 it as the data has it (three-state models, trained with attributes dropped to "unknown" one by one). A conditional
@@ -81,8 +83,11 @@ class SampleConfig:
     ckpt: str = ""  # run folder (newest valid checkpoint), checkpoint .pt, or .safetensors written by --export
     n: int = 64  # images to make (grid or --outdir)
     batch_size: int = 256  # images per sampling batch
-    sampler: str = "ddim"  # ddim | ddpm (diffusion.SAMPLERS)
+    sampler: str = "ddim"  # ddim | ddpm | dpm++2m (diffusion.SAMPLERS; dpm++2m: DPM-Solver++(2M), 10-20 steps)
     steps: int = 50  # sampling steps (respaced when fewer than the training timesteps)
+    spacing: str = "auto"  # which timesteps: auto (uniform for ddim/ddpm, linspace for dpm++2m) | uniform |
+    # quadratic | linspace | leading | trailing (the last three as diffusers; see diffusion.make_timesteps)
+    clip: str = "auto"  # clamp each predicted x0 to [-1, 1]: auto (on for ddim/ddpm, off for dpm++2m) | on | off
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     variance: str = "fixed_small"  # DDPM posterior variance: fixed_small (beta~) or fixed_large (beta)
     seed: int = 0  # image i starts from noise seeded by (seed, i)
@@ -99,8 +104,9 @@ class SampleConfig:
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
 
-    CHOICES: ClassVar[dict] = {"sampler": tuple(sorted(diffusion.SAMPLERS)), "precision": tuple(PRECISIONS),
-                               "variance": ("fixed_small", "fixed_large")}
+    CHOICES: ClassVar[dict] = {"sampler": diffusion.SAMPLERS, "precision": tuple(PRECISIONS),
+                               "variance": ("fixed_small", "fixed_large"), "spacing": ("auto",) + diffusion.SPACINGS,
+                               "clip": ("auto", "on", "off")}
     BOUNDS: ClassVar[dict] = {"n": ">= 1", "batch_size": ">= 1", "steps": ">= 1", "trajectory_rows": ">= 1",
                               "seed": ">= 0", "eta": "0..1", "threads": ">= 0", "guidance": ">= 0"}
 
@@ -119,6 +125,19 @@ def check_config(cfg: SampleConfig) -> None:
     if not Path(cfg.ckpt).exists():
         raise SampleError(f"{cfg.ckpt}: no such checkpoint file or run folder")
     attr_values(cfg.attrs)  # the spec's own mistakes, before the model is loaded (its names are checked after)
+    if cfg.sampler == "dpm++2m" and cfg.eta != 0:
+        raise SampleError(f"--eta {cfg.eta}: dpm++2m is deterministic (eta is DDIM's noise); drop --eta or use "
+                          f"--sampler ddim")
+
+
+def spacing_of(cfg: SampleConfig) -> str:
+    """The timestep spacing these settings sample with (--spacing auto: the sampler's default)."""
+    return diffusion.DEFAULT_SPACING[cfg.sampler] if cfg.spacing == "auto" else cfg.spacing
+
+
+def clip_of(cfg: SampleConfig) -> bool:
+    """Whether these settings clamp the predicted x0 (--clip auto: the sampler's default)."""
+    return diffusion.DEFAULT_CLIP[cfg.sampler] if cfg.clip == "auto" else cfg.clip == "on"
 
 
 def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
@@ -127,6 +146,11 @@ def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
     timesteps = loaded.diffusion.num_timesteps
     if cfg.steps > timesteps:
         raise SampleError(f"--steps {cfg.steps}: the model has {timesteps} timesteps; choose 1..{timesteps}")
+    try:
+        diffusion.make_timesteps(timesteps, cfg.steps, spacing_of(cfg))
+    except config.ConfigError as e:
+        raise SampleError(f"--spacing {spacing_of(cfg)} --steps {cfg.steps}: {str(e).removeprefix('diffusion: ')}"
+                          ) from None
     parse_attrs(cfg.attrs, loaded)
     rows = len(sweep_rows(cfg, loaded)) if cfg.sweep else 0
     device = next(loaded.model.parameters()).device
@@ -313,7 +337,7 @@ def sample_images(loaded: LoadedModel, cfg: SampleConfig, start: int, count: int
         out = loaded.diffusion.sample(loaded.model, tuple(noise.shape), sampler=cfg.sampler, steps=cfg.steps,
                                       eta=cfg.eta, generator=step_gen, cond=cond, guidance=cfg.guidance,
                                       noise=noise.to(device), return_trajectory=return_trajectory,
-                                      variance=cfg.variance)
+                                      variance=cfg.variance, spacing=spacing_of(cfg), clip_denoised=clip_of(cfg))
     if return_trajectory:
         x, traj = out
         return x.float().cpu(), [t.float().cpu() for t in traj]
@@ -363,7 +387,12 @@ def outdir_settings(loaded: LoadedModel, cfg: SampleConfig) -> dict:
         "guidance": cfg.guidance,
         "precision": cfg.precision,
     }
-    if cfg.sampler == "ddpm" or cfg.eta > 0:  # per-step noise is drawn per batch
+    # Spacing and clipping only where they differ from what folders made before they were settings had.
+    if spacing_of(cfg) != "uniform":
+        settings["spacing"] = spacing_of(cfg)
+    if not clip_of(cfg):
+        settings["clip"] = False
+    if cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0):  # per-step noise is drawn per batch
         settings["batch_size"] = cfg.batch_size
     return settings
 

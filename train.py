@@ -68,7 +68,7 @@ import data_v1
 from atomic import atomic_write
 from config import ConfigError
 from data import DataError, ShardReadError, make_loader, parse_where
-from diffusion import OBJECTIVES, SCHEDULES, GaussianDiffusion
+from diffusion import DEFAULT_SPACING, OBJECTIVES, SAMPLERS, SCHEDULES, GaussianDiffusion, make_timesteps
 from ema import EMA
 from fid import TrainingFID
 from grids import save_grid
@@ -144,15 +144,17 @@ class TrainConfig:
     # Checkpoints, samples and logs.
     ckpt_every: int = 5000  # write a checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)
     keep: int = 3  # checkpoints kept in OUT/checkpoints (0 = all)
-    sample_every: int = 5000  # 8x8 EMA DDIM grid to OUT/samples every N steps and at the end (0 = never)
-    sample_steps: int = 50  # DDIM steps for those grids
+    sample_every: int = 5000  # 8x8 EMA sample grid to OUT/samples every N steps and at the end (0 = never)
+    sample_sampler: str = "ddim"  # sampler of those grids: ddim | ddpm | dpm++2m (its default spacing, no eta)
+    sample_steps: int = 50  # sampling steps for those grids
     log_every: int = 100  # steps per log line and metrics.jsonl record
     resume: str = "auto"  # auto (newest valid checkpoint in OUT, if any) | never | PATH (checkpoint or run folder)
     rollback: bool = False  # --resume PATH to an older checkpoint of OUT: move the later ones aside and go on from it
     tensorboard: bool = False  # also write TensorBoard scalars, grids, FID and the config to OUT/tensorboard
     eval_every: int = 0  # every N steps and at the end: FID/KID of --eval-n EMA samples vs the shards (0 = never)
     eval_n: int = 1000  # samples per training-time evaluation (the same noise every time; 50,000 for paper numbers)
-    eval_steps: int = 50  # DDIM steps of those samples
+    eval_sampler: str = "ddim"  # sampler of those samples: ddim | ddpm | dpm++2m
+    eval_steps: int = 50  # sampling steps of those samples
     eval_ref_max: int = 0  # reference images from the training split for those FIDs (0 = all; cached once)
     # Hardware.
     device: str = "auto"  # auto | cuda | cuda:N | cpu (under torchrun, cuda is each process's own GPU)
@@ -164,7 +166,8 @@ class TrainConfig:
 
     CHOICES: ClassVar[dict] = {"loader": ("dali", "torch"), "preset": tuple(PRESETS), "schedule": SCHEDULES,
                                "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
-                               "precision": ("auto", "fp16", "bf16", "fp32")}  # --device: utills.pick_device
+                               "precision": ("auto", "fp16", "bf16", "fp32"),  # --device: utills.pick_device
+                               "sample_sampler": SAMPLERS, "eval_sampler": SAMPLERS}
     BOUNDS: ClassVar[dict] = {
         "num_workers": ">= -1", "timesteps": "2..100000", "batch_size": ">= 1", "accum": ">= 1", "log_every": ">= 1",
         "sample_steps": ">= 1",
@@ -196,6 +199,14 @@ def check_config(cfg: TrainConfig, given: Collection[str] = ()) -> None:
         raise ConfigError("give --steps N or --epochs E")
     if cfg.rollback and cfg.resume in ("auto", "never"):
         raise ConfigError("--rollback goes with --resume PATH (the checkpoint to go back to)")
+    for flag, sampler, steps, used in (("sample", cfg.sample_sampler, cfg.sample_steps, cfg.sample_every),
+                                       ("eval", cfg.eval_sampler, cfg.eval_steps, cfg.eval_every)):
+        try:  # the grids and evaluations take min(steps, timesteps) steps in the sampler's default spacing
+            if used:
+                make_timesteps(cfg.timesteps, min(steps, cfg.timesteps), DEFAULT_SPACING[sampler])
+        except ConfigError as e:
+            raise ConfigError(f"--{flag}-sampler {sampler} --{flag}-steps {steps}: "
+                              f"{str(e).removeprefix('diffusion: ')}") from None
     manifest = read_manifest(cfg.data)  # the shards are there (the full checks come with the loader)
     if cfg.where:
         parse_where(cfg.where, attribute_names(manifest))  # its names and values (an empty subset: the loader)
@@ -707,7 +718,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                                    generator=torch.Generator().manual_seed(cfg.seed)).to(device)
         # FID during training (rank 0): the feature network and the training shards' statistics (cached), once.
         fid_eval = TrainingFID(cfg.data, loader.image_size, model.config["in_channels"], cfg.eval_n, cfg.eval_steps,
-                               cfg.seed, device, ref_max=cfg.eval_ref_max) if ranks.is_main and cfg.eval_every else None
+                               cfg.seed, device, ref_max=cfg.eval_ref_max, sampler=cfg.eval_sampler
+                               ) if ranks.is_main and cfg.eval_every else None
 
         # Logs, signal handlers, the lock and the process group are undone by `cleanup` however the run ends.
         if world_size > 1:
@@ -782,7 +794,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
             if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):
                 with state.ema.sampling(model), amp:
-                    grid = diffusion.sample(model, tuple(sample_noise.shape), sampler="ddim",
+                    grid = diffusion.sample(model, tuple(sample_noise.shape), sampler=cfg.sample_sampler,
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
                 with os_errors_as_write_error(run.sample_grid(step), run.root):
                     grid_path = save_grid(grid, run.sample_grid(step), nrow=8)

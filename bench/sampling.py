@@ -1,7 +1,9 @@
-"""Time sampling: seconds for --n faces with DDIM-50 and DDPM-1000, and images/s at the largest batch that fits.
+"""Time sampling: seconds for --n faces with DDIM-50, DPM-Solver++(2M) at 10, 15 and 20 steps and DDPM-1000, and
+images/s at the largest batch that fits.
 
     python bench/sampling.py [--presets celeba64,celeba128] [--precisions fp16,bf16] [--modes eager,graphs]
-                             [--samplers ddim50,ddpm1000] [--n 64] [--max-batch 1024] [--budget-s 0] [--json PATH]
+                             [--samplers ddim50,dpm++2m10,dpm++2m15,dpm++2m20,ddpm1000] [--n 64] [--max-batch 1024]
+                             [--budget-s 0] [--json PATH]
     python bench/sampling.py --cpu            # tiny sizes on the CPU: what the tests run (no GPU figure)
 
 Each row runs diffusion.sample (the code sample.py runs) on a freshly initialised UNet of the preset, in eval mode
@@ -16,8 +18,9 @@ Rows run sampler by sampler in the order of --samplers, so --budget-s (which als
 would overrun) cuts the long DDPM chains first; --long-fastest-only runs the later samplers only at each preset's
 fastest setting of the first. Then, per preset, the fastest DDIM setting at batches doubling from
 --n to --max-batch (until one runs out of memory): the time per DDIM step over --throughput-steps steps, and the
-DDIM-50 images/s that gives. --cpu: the tiny preset at 32 px, 4 images, DDIM-10 and DDPM-20, fp32; graphs rows are
-null with the reason.
+DDIM-50 images/s that gives. --cpu: the tiny preset at 32 px, 4 images, DDIM-10, DPM-Solver++(2M)-10 and DDPM-20,
+fp32; graphs rows are null with the reason. Each sampler uses its default spacing (diffusion.DEFAULT_SPACING); a step
+costs one UNet forward in every sampler, so the seconds scale with the steps.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from utills import PRECISIONS, autocast  # noqa: E402
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 MODES = ("eager", "graphs", "compile")
-SAMPLER_RE = re.compile(r"^(ddim|ddpm)(\d+)$")
+SAMPLER_RE = re.compile(r"^(ddim|ddpm|dpm\+\+2m)(\d+)$")
 
 
 @dataclass
@@ -57,7 +60,7 @@ class SamplingConfig:
     presets: str = "celeba64,celeba128"  # UNet presets
     precisions: str = "fp16,bf16"  # autocast precisions: fp16 | bf16 | fp32
     modes: str = "eager,graphs"  # eager | graphs (CUDA graph of the UNet forward) | compile (torch.compile)
-    samplers: str = "ddim50,ddpm1000"  # sampler and step count, e.g. ddim50, ddpm1000
+    samplers: str = "ddim50,dpm++2m10,dpm++2m15,dpm++2m20,ddpm1000"  # sampler and step count (diffusion.SAMPLERS)
     image_size: int = 0  # image side (0 = each preset's own)
     n: int = 64  # faces per timed chain
     max_batch: int = 1024  # throughput: the largest batch tried (batches double from --n)
@@ -71,8 +74,8 @@ class SamplingConfig:
                                         "throughput_steps": ">= 1", "budget_s": ">= 0"}
 
 
-CPU_DEFAULTS = dict(presets="tiny", precisions="fp32", samplers="ddim10,ddpm20", image_size=32, n=4, max_batch=8,
-                    throughput_steps=2)
+CPU_DEFAULTS = dict(presets="tiny", precisions="fp32", samplers="ddim10,dpm++2m10,ddpm20", image_size=32, n=4,
+                    max_batch=8, throughput_steps=2)
 NO_CUDA = "needs CUDA"
 
 
@@ -81,7 +84,7 @@ def parse_samplers(text: str, timesteps: int) -> list[tuple[str, int]]:
     for name in common.names(text):
         m = SAMPLER_RE.match(name)
         if not m or not 1 <= int(m.group(2)) <= timesteps:
-            raise config.ConfigError(f"--samplers {text!r}: each is ddimN or ddpmN with N in 1..{timesteps}")
+            raise config.ConfigError(f"--samplers {text!r}: each is ddimN, dpm++2mN or ddpmN with N in 1..{timesteps}")
         out.append((m.group(1), int(m.group(2))))
     return out
 
