@@ -78,7 +78,7 @@ def test_image_depends_on_seed_and_index_not_batch(loaded: sample.LoadedModel):
     assert torch.allclose(together[1], alone[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddpm", 0.0), ("dpm++2m", 0.0)])
 def test_outdir_resume_gives_the_uninterrupted_images(loaded: sample.LoadedModel, tmp_path: Path, sampler: str,
                                                       eta: float):
     c = cfg(sampler=sampler, eta=eta)
@@ -117,6 +117,28 @@ def test_outdir_refuses_other_settings(loaded: sample.LoadedModel, tmp_path: Pat
     (foreign / "000000.png").write_bytes(b"x")
     with pytest.raises(SampleError, match="no sample.json"):
         sample.write_outdir(loaded, cfg(n=2), foreign)
+
+
+def test_dpm_solver_settings_and_folders(loaded: sample.LoadedModel, run: Path, tmp_path: Path):
+    """--sampler dpm++2m --steps N --spacing S, as the README gives it: the spacing and the (default off) x0 clipping
+    are recorded with an --outdir and a folder made otherwise is refused; DDIM folders keep their old settings."""
+    c = cfg(n=2, sampler="dpm++2m", steps=5, spacing="trailing")
+    sample.write_outdir(loaded, c, tmp_path / "dpm")
+    settings = json.loads((tmp_path / "dpm" / "sample.json").read_text())
+    assert settings["sampler"] == "dpm++2m" and settings["spacing"] == "trailing" and settings["clip"] is False
+    with pytest.raises(SampleError, match="spacing: 'trailing' there, 'linspace' now"):
+        sample.write_outdir(loaded, dataclasses.replace(c, spacing="auto"), tmp_path / "dpm")
+    ddim = sample.outdir_settings(loaded, cfg())
+    assert "spacing" not in ddim and "clip" not in ddim  # the keys of folders made before these settings existed
+    assert sample.outdir_settings(loaded, cfg(clip="off"))["clip"] is False
+    # The spacing changes the images; clipping on changes DPM-Solver++'s (off by default).
+    a = sample.sample_images(loaded, c, 0, 2)
+    assert not torch.equal(a, sample.sample_images(loaded, dataclasses.replace(c, spacing="leading"), 0, 2))
+    assert torch.isfinite(a).all()
+    out = tmp_path / "g.png"
+    sample.cli(["--ckpt", str(run), "--sampler", "dpm++2m", "--steps", "15", "--spacing", "trailing", "--n", "4",
+                "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert pixels(out).shape == (2 * 34 + 2, 2 * 34 + 2, 3)
 
 
 def test_export_safetensors_round_trip(run: Path, loaded: sample.LoadedModel, tmp_path: Path):
@@ -161,7 +183,12 @@ def test_cli_errors_are_one_line(run: Path, tmp_path: Path):
     cases = [
         (["--ckpt", str(run), "--attrs", "Smiling=1"], "has no conditioning"),
         (["--ckpt", str(tmp_path / "nope")], "no such checkpoint file or run folder"),
-        (["--ckpt", str(run), "--sampler", "euler"], "--sampler 'euler': choose from ddim, ddpm"),
+        (["--ckpt", str(run), "--sampler", "euler"], "--sampler 'euler': choose from ddim, ddpm, dpm++2m"),
+        (["--ckpt", str(run), "--sampler", "dpm++2m", "--eta", "0.5"], "dpm++2m is deterministic"),
+        (["--ckpt", str(run), "--spacing", "karras"], "--spacing 'karras': choose from auto, uniform, quadratic"),
+        # linspace would repeat a timestep at as many steps as the model has (1000).
+        (["--ckpt", str(run), "--sampler", "dpm++2m", "--steps", "1000"],
+         "--spacing linspace --steps 1000: spacing 'linspace' repeats timesteps at 1000 steps of 1000; choose at most"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

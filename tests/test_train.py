@@ -321,11 +321,24 @@ def test_lr_schedule():
     assert lr_factor(104, 4, 104, "cosine") == pytest.approx(0.0)
 
 
+def test_sampler_settings_that_cannot_work_are_refused_at_start(shards: Path, tmp_path: Path):
+    # dpm++2m samples in diffusers' linspace spacing, which repeats a timestep at as many steps as the model has.
+    with pytest.raises(ConfigError, match="--sample-sampler dpm\\+\\+2m --sample-steps 60: spacing 'linspace' "
+                                          "repeats timesteps at 50 steps of 50"):
+        train.main(_cfg(shards, tmp_path / "a", steps=2, timesteps=50, sample_every=1, sample_sampler="dpm++2m",
+                        sample_steps=60))
+    with pytest.raises(ConfigError, match="--eval-sampler 'euler': choose from ddim, ddpm, dpm\\+\\+2m"):
+        train.main(_cfg(shards, tmp_path / "b", steps=2, eval_sampler="euler"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_tensorboard_scalars_and_grids(shards: Path, tmp_path: Path):
     """Read back with TensorBoard's own event reader: the loss, the sample grid and the config as text."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
-    train.main(_cfg(shards, out, steps=2, ckpt_every=0, tensorboard=True, sample_every=2, sample_steps=2))
+    # The grid from DPM-Solver++ (--sample-sampler; DDIM by default).
+    train.main(_cfg(shards, out, steps=2, ckpt_every=0, tensorboard=True, sample_every=2, sample_steps=2,
+                    sample_sampler="dpm++2m"))
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
