@@ -41,6 +41,7 @@ class FidStepsConfig:
     steps: str = "5,10,20,50"  # step counts
     seed: int = 0  # the same noise in every row
     batch_size: int = 250  # images per sampling batch
+    features: str = "inception"  # evaluate.py --features: inception, or standin (a random net: tests of the plumbing)
     device: str = "auto"  # evaluate.py --device
     threads: int = 0  # evaluate.py --threads
     work: str = ""  # where the samples and per-row results go (default: RUN/eval/fid-steps)
@@ -49,6 +50,7 @@ class FidStepsConfig:
     md: str = ""  # Markdown table
 
     REQUIRED: ClassVar[tuple] = ("ckpt", "ref")
+    CHOICES: ClassVar[dict] = {"features": ("inception", "standin")}
     BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "seed": ">= 0", "batch_size": ">= 1", "threads": ">= 0"}
 
 
@@ -80,6 +82,8 @@ def plot(report: dict, path: str) -> None:
     ax.set_xlabel("sampling steps (UNet forwards per image)")
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(f"FID of {report['n']} samples vs steps\n{report['model']}", fontsize=9)
+    if report["config"]["features"] != "inception":
+        ax.set_ylabel(f"FID with the {report['config']['features']} features (plumbing only)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -121,7 +125,7 @@ def main(cfg: FidStepsConfig) -> dict:
                    "--ref-split", cfg.ref_split, "--ref-max", str(cfg.ref_max), "--n", str(cfg.n),
                    "--sampler", sampler, "--steps", str(n_steps), "--seed", str(cfg.seed),
                    "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--threads", str(cfg.threads),
-                   "--metrics", "fid,kid", "--outdir", str(work / name), "--out", str(out)]
+                   "--metrics", "fid,kid", "--features", cfg.features, "--outdir", str(work / name), "--out", str(out)]
             print("$ " + shlex.join(cmd), flush=True)
             t0 = time.perf_counter()
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:

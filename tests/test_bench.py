@@ -154,7 +154,7 @@ def test_sampling_bench_json(gpu_check_cpu):
     s = report["sampling"]
     assert s["gpu_figures"] is False and s["nulls"]["graphs"] == "needs CUDA"
     timed = [r for r in s["rows"] if "seconds" in r]
-    assert {(r["sampler"], r["steps"]) for r in timed} == {("ddim", 10), ("ddpm", 20)}
+    assert {(r["sampler"], r["steps"]) for r in timed} == {("ddim", 10), ("dpm++2m", 10), ("ddpm", 20)}
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 and r["finite"] and r["batch"] == 4 for r in timed)
     assert all(r["skipped"] == "needs CUDA" for r in s["rows"] if r["mode"] == "graphs")
     (t,) = s["throughput"]
@@ -180,11 +180,29 @@ def test_train_step_bench_rejects_bad_worlds():
 def test_sampling_bench_budget(tmp_path: Path):
     """A budget spent before a chain starts skips it and says why."""
     path = tmp_path / "sampling.json"
-    run_bench("sampling.py", "--cpu", "--samplers", "ddim2,ddpm1000", "--modes", "eager", "--max-batch", "4",
+    run_bench("sampling.py", "--cpu", "--samplers", "dpm++2m2,ddpm1000", "--modes", "eager", "--max-batch", "4",
               "--budget-s", "0.5", "--json", str(path))
     rows = json.loads(path.read_text())["rows"]
-    assert rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
+    assert rows[0]["sampler"] == "dpm++2m" and rows[0]["steps"] == 2 and rows[0]["seconds"] > 0
     assert rows[1]["steps"] == 1000 and rows[1]["skipped"].startswith("--budget-s")
+
+
+def test_fid_steps_bench_rows_table_and_plot(tmp_path: Path, shards: Path, tmp_path_factory):
+    """bench/fid_steps.py on a real tiny run, with the stand-in features (the plumbing; the real network is slow)."""
+    from tiny_run import tiny_run
+
+    run = tiny_run(tmp_path_factory, shards)
+    report, plot, md = tmp_path / "r.json", tmp_path / "fid.png", tmp_path / "fid.md"
+    run_bench("fid_steps.py", "--ckpt", str(run), "--ref", str(shards), "--n", "4", "--samplers", "ddim,dpm++2m",
+              "--steps", "1,2", "--features", "standin", "--device", "cpu", "--threads", "1", "--work",
+              str(tmp_path / "work"), "--json", str(report), "--plot", str(plot), "--md", str(md))
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["sampler"], r["steps"], r["spacing"]) for r in rows] == [
+        ("ddim", 1, "uniform"), ("ddim", 2, "uniform"), ("dpm++2m", 1, "linspace"), ("dpm++2m", 2, "linspace")]
+    assert all(r["fid"] > 0 for r in rows)
+    # dpm++2m's 1 and 2 steps are first order (DDIM's update) but on other timesteps: other images, another FID.
+    assert rows[0]["fid"] != rows[2]["fid"]
+    assert plot.stat().st_size > 0 and "| dpm++2m (linspace) |" in md.read_text()
 
 
 def test_gpu_peaks_match_datasheet_names():
@@ -195,7 +213,8 @@ def test_gpu_peaks_match_datasheet_names():
     assert gpu_peak_tflops("NVIDIA H100 NVL") is None and gpu_peak_tflops("Tesla T4") is None
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "sampling.py", "decode_check.py", "resume_check.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "sampling.py", "decode_check.py", "resume_check.py",
+                                    "fid_steps.py"])
 def test_gpu_bench_help(script: str):
     assert "--json" in run_bench(script, "--help").stdout
 
