@@ -3,13 +3,13 @@
     python bench/fid_steps.py --ckpt RUN --ref SHARDS --n 2000 --json bench/results/fid-steps.json \
         --plot docs/fid-steps.png --md docs/fid-steps.md
 
-For each sampler of --samplers and each step count of --steps, evaluate.py (printed, so any row can be rerun by hand)
-makes --n samples from the same noise (image i from (--seed, i), in every row) with the sampler's default spacing
-(uniform for DDIM, linspace for DPM-Solver++, diffusion.DEFAULT_SPACING) and scores them with the packaged FID
-Inception against the same reference statistics (--ref's --ref-split, at most --ref-max images; cached once). The
-report gives each row's FID, KID and the wall time of its sampling and scoring (the machine is in the report); the plot
-puts FID against steps, one line per sampler. Samples stay in --work, so a rerun only scores (and makes what is
-missing).
+For each sampler of --samplers, each spacing of --spacings ("auto": the sampler's default, uniform for DDIM and
+linspace for DPM-Solver++, diffusion.DEFAULT_SPACING) and each step count of --steps, evaluate.py (printed, so any row
+can be rerun by hand) makes --n samples from the same noise (image i from (--seed, i), in every row) and scores them
+with the packaged FID Inception against the same reference statistics (--ref's --ref-split, at most --ref-max images;
+cached once). The report gives each row's FID, KID and the wall time of its sampling and scoring (the machine is in the
+report); the plot puts FID against steps, one line per sampler and spacing (dashed: not the sampler's default). Samples
+stay in --work, so a rerun only scores (and makes what is missing).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 from bench import common  # noqa: E402
-from diffusion import DEFAULT_SPACING, SAMPLERS  # noqa: E402
+from diffusion import DEFAULT_SPACING, SAMPLERS, SPACINGS  # noqa: E402
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FidStepsConfig:
     ref_max: int = 0  # at most this many reference images (0: the whole split)
     n: int = 2000  # samples per row
     samplers: str = "ddim,dpm++2m"  # samplers to compare (diffusion.SAMPLERS)
+    spacings: str = "auto"  # spacings of each sampler: auto (its default) and/or diffusion.SPACINGS
     steps: str = "5,10,20,50"  # step counts
     seed: int = 0  # the same noise in every row
     batch_size: int = 250  # images per sampling batch
@@ -71,10 +72,11 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for sampler in report["samplers"]:
-        rows = [r for r in report["rows"] if r["sampler"] == sampler and r.get("fid") is not None]
+    for sampler, spacing in lines(report):
+        rows = [r for r in report["rows"] if (r["sampler"], r["spacing"]) == (sampler, spacing)
+                and r.get("fid") is not None]
         ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker="o",
-                label=f"{sampler} ({DEFAULT_SPACING[sampler]} spacing)")
+                linestyle="-" if spacing == DEFAULT_SPACING[sampler] else "--", label=f"{sampler} ({spacing})")
     ax.set_xscale("log")
     steps = sorted({r["steps"] for r in report["rows"]})
     ax.set_xticks(steps, [str(s) for s in steps])
@@ -94,16 +96,22 @@ def plot(report: dict, path: str) -> None:
     tmp.replace(path)
 
 
+def lines(report: dict) -> list[tuple[str, str]]:
+    """(sampler, spacing) of each line of the plot and row of the table, in the order measured."""
+    return list(dict.fromkeys((r["sampler"], r["spacing"]) for r in report["rows"]))
+
+
 def table(report: dict) -> str:
     steps = sorted({r["steps"] for r in report["rows"]})
-    lines = ["| sampler | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    for sampler in report["samplers"]:
+    out = ["| sampler (spacing) | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for sampler, spacing in lines(report):
         cells = []
         for s in steps:
-            row = next((r for r in report["rows"] if r["sampler"] == sampler and r["steps"] == s), {})
+            row = next((r for r in report["rows"] if (r["sampler"], r["spacing"], r["steps"]) == (sampler, spacing, s)),
+                       {})
             cells.append(f"{row['fid']:.1f}" if row.get("fid") is not None else "-")
-        lines.append(f"| {sampler} ({DEFAULT_SPACING[sampler]}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        out.append(f"| {sampler} ({spacing}) | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main(cfg: FidStepsConfig) -> dict:
@@ -112,18 +120,25 @@ def main(cfg: FidStepsConfig) -> dict:
     if bad:
         raise config.ConfigError(f"--samplers: unknown {', '.join(bad)} (choose from {', '.join(SAMPLERS)})")
     steps = parse_list(cfg.steps, "--steps", int)
+    spacings = parse_list(cfg.spacings, "--spacings")
+    bad = [s for s in spacings if s not in ("auto",) + SPACINGS]
+    if bad:
+        raise config.ConfigError(f"--spacings: unknown {', '.join(bad)} (choose from auto, {', '.join(SPACINGS)})")
     work = Path(cfg.work) if cfg.work else Path(cfg.ckpt) / "eval" / "fid-steps"
     work.mkdir(parents=True, exist_ok=True)
     report = {"bench": "fid_steps", "config": vars(cfg).copy(), "machine": common.machine(),
               "commit": common.commit("diffusion.py", "sample.py", "evaluate.py", "bench/fid_steps.py"),
               "n": cfg.n, "samplers": samplers, "model": str(cfg.ckpt), "rows": []}
-    for sampler in samplers:
+    todo = [(sampler, DEFAULT_SPACING[sampler] if spacing == "auto" else spacing) for sampler in samplers
+            for spacing in spacings]
+    for sampler, spacing in dict.fromkeys(todo):
         for n_steps in steps:
-            name = f"{sampler}-{n_steps}"
+            # A sampler's default spacing keeps the plain name (the folders of runs before --spacings).
+            name = f"{sampler}-{n_steps}" if spacing == DEFAULT_SPACING[sampler] else f"{sampler}-{spacing}-{n_steps}"
             out = work / f"{name}.json"
             cmd = [sys.executable, str(ROOT / "evaluate.py"), "--ckpt", cfg.ckpt, "--ref", cfg.ref,
                    "--ref-split", cfg.ref_split, "--ref-max", str(cfg.ref_max), "--n", str(cfg.n),
-                   "--sampler", sampler, "--steps", str(n_steps), "--seed", str(cfg.seed),
+                   "--sampler", sampler, "--steps", str(n_steps), "--spacing", spacing, "--seed", str(cfg.seed),
                    "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--threads", str(cfg.threads),
                    "--metrics", "fid,kid", "--features", cfg.features, "--outdir", str(work / name), "--out", str(out)]
             print("$ " + shlex.join(cmd), flush=True)

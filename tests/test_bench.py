@@ -194,13 +194,13 @@ def test_fid_steps_bench_rows_table_and_plot(tmp_path: Path, shards: Path, tmp_p
     run = tiny_run(tmp_path_factory, shards)
     report, plot, md = tmp_path / "r.json", tmp_path / "fid.png", tmp_path / "fid.md"
     run_bench("fid_steps.py", "--ckpt", str(run), "--ref", str(shards), "--n", "4", "--samplers", "ddim,dpm++2m",
-              "--steps", "2", "--features", "standin", "--device", "cpu", "--threads", "1", "--work",
-              str(tmp_path / "work"), "--json", str(report), "--plot", str(plot), "--md", str(md))
+              "--spacings", "auto,uniform", "--steps", "2", "--features", "standin", "--device", "cpu", "--threads",
+              "1", "--work", str(tmp_path / "work"), "--json", str(report), "--plot", str(plot), "--md", str(md))
     rows = json.loads(report.read_text())["rows"]
-    assert [(r["sampler"], r["steps"], r["spacing"]) for r in rows] == [("ddim", 2, "uniform"),
-                                                                        ("dpm++2m", 2, "linspace")]
-    # dpm++2m's 2 steps are first order (DDIM's update) but on other timesteps: other images, another FID.
-    assert all(r["fid"] > 0 for r in rows) and rows[0]["fid"] != rows[1]["fid"]
+    # DDIM's default spacing is uniform: one DDIM row; DPM-Solver++ in its default (linspace) and uniform.
+    assert [(r["sampler"], r["steps"], r["spacing"]) for r in rows] == [
+        ("ddim", 2, "uniform"), ("dpm++2m", 2, "linspace"), ("dpm++2m", 2, "uniform")]
+    assert all(r["fid"] > 0 for r in rows) and rows[1]["fid"] != rows[0]["fid"]  # other timesteps, other images
     assert plot.stat().st_size > 0 and "| dpm++2m (linspace) |" in md.read_text()
 
 
