@@ -8,8 +8,9 @@ linspace for DPM-Solver++, diffusion.DEFAULT_SPACING) and each step count of --s
 can be rerun by hand) makes --n samples from the same noise (image i from (--seed, i), in every row) and scores them
 with the packaged FID Inception against the same reference statistics (--ref's --ref-split, at most --ref-max images;
 cached once). The report gives each row's FID, KID and the wall time of its sampling and scoring (the machine is in the
-report); the plot puts FID against steps, one line per sampler and spacing (dashed: not the sampler's default). Samples
-stay in --work, so a rerun only scores (and makes what is missing).
+report); the plot puts FID against steps, one line per sampler and spacing (dashed: not the sampler's default). Each
+row's result stays in --work: a rerun (more spacings, say, or after an interruption) reuses the rows already scored
+with the same checkpoint, reference and settings, and for the others makes only the images that are missing.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
+from atomic import atomic_write  # noqa: E402
 from bench import common  # noqa: E402
-from diffusion import DEFAULT_SPACING, SAMPLERS, SPACINGS  # noqa: E402
+from diffusion import DEFAULT_CLIP, DEFAULT_SPACING, SAMPLERS, SPACINGS  # noqa: E402
 
 
 @dataclass
@@ -45,6 +47,7 @@ class FidStepsConfig:
     features: str = "inception"  # evaluate.py --features: inception, or standin (a random net: tests of the plumbing)
     device: str = "auto"  # evaluate.py --device
     threads: int = 0  # evaluate.py --threads
+    label: str = ""  # the model as the plot's title names it (default: --ckpt)
     work: str = ""  # where the samples and per-row results go (default: RUN/eval/fid-steps)
     json: str = ""  # the report
     plot: str = ""  # PNG: FID against steps
@@ -114,6 +117,36 @@ def table(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def row(result: dict, sampler: str, steps: int, seconds: float | None) -> dict:
+    return {"sampler": sampler, "steps": steps, "spacing": result["sampler"]["spacing"], "fid": result.get("fid"),
+            "kid": result.get("kid_mean"), "kid_std": result.get("kid_std"), "seconds": seconds,
+            "reference": result.get("reference"), "step": result.get("step")}
+
+
+def finished(out: Path, cfg: FidStepsConfig, sampler: str, spacing: str, steps: int, ckpt: Path) -> dict | None:
+    """The result an earlier run left in `out` for this row, if it was made with the same checkpoint, reference,
+    features and settings (else None: the row is scored again)."""
+    try:
+        result = json.loads(out.read_text())
+        s, ref = result["sampler"], result["reference"]
+        same = ((s["sampler"], s["steps"], s["spacing"], s["seed"], result["n"]) == (sampler, steps, spacing, cfg.seed,
+                                                                                      cfg.n)
+                and s["clip"] == DEFAULT_CLIP[sampler] and Path(ref["shards"]).resolve() == Path(cfg.ref).resolve()
+                and ref["split"] == cfg.ref_split and (cfg.features == "inception") == ("standin" not in
+                                                                                       result["feature_network"])
+                and Path(result["checkpoint"]).resolve() == ckpt)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return result if same else None
+
+
+def checkpoint_file(ckpt: str) -> Path:
+    """The checkpoint file evaluate.py will load for --ckpt (a run folder: its newest valid checkpoint)."""
+    from utills import load_model
+
+    return Path(load_model(ckpt).source).resolve()
+
+
 def main(cfg: FidStepsConfig) -> dict:
     samplers = parse_list(cfg.samplers, "--samplers")
     bad = [s for s in samplers if s not in SAMPLERS]
@@ -124,11 +157,12 @@ def main(cfg: FidStepsConfig) -> dict:
     bad = [s for s in spacings if s not in ("auto",) + SPACINGS]
     if bad:
         raise config.ConfigError(f"--spacings: unknown {', '.join(bad)} (choose from auto, {', '.join(SPACINGS)})")
+    ckpt = checkpoint_file(cfg.ckpt)
     work = Path(cfg.work) if cfg.work else Path(cfg.ckpt) / "eval" / "fid-steps"
     work.mkdir(parents=True, exist_ok=True)
     report = {"bench": "fid_steps", "config": vars(cfg).copy(), "machine": common.machine(),
               "commit": common.commit("diffusion.py", "sample.py", "evaluate.py", "bench/fid_steps.py"),
-              "n": cfg.n, "samplers": samplers, "model": str(cfg.ckpt), "rows": []}
+              "n": cfg.n, "samplers": samplers, "model": cfg.label or str(cfg.ckpt), "rows": []}
     todo = [(sampler, DEFAULT_SPACING[sampler] if spacing == "auto" else spacing) for sampler in samplers
             for spacing in spacings]
     for sampler, spacing in dict.fromkeys(todo):
@@ -141,20 +175,23 @@ def main(cfg: FidStepsConfig) -> dict:
                    "--sampler", sampler, "--steps", str(n_steps), "--spacing", spacing, "--seed", str(cfg.seed),
                    "--batch-size", str(cfg.batch_size), "--device", cfg.device, "--threads", str(cfg.threads),
                    "--metrics", "fid,kid", "--features", cfg.features, "--outdir", str(work / name), "--out", str(out)]
+            result = finished(out, cfg, sampler, spacing, n_steps, ckpt)
+            if result is not None:
+                print(f"{name}: scored before ({out}), FID {result.get('fid')}", flush=True)
+                report["rows"].append(row(result, sampler, n_steps, result.get("seconds")))
+                continue
             print("$ " + shlex.join(cmd), flush=True)
             t0 = time.perf_counter()
             if subprocess.run(cmd, cwd=ROOT).returncode != 0:
                 raise SystemExit(f"error: {name}: evaluate.py failed (its messages are above)")
             result = json.loads(out.read_text())
-            report["rows"].append({"sampler": sampler, "steps": n_steps, "spacing": result["sampler"]["spacing"],
-                                   "fid": result.get("fid"), "kid": result.get("kid_mean"),
-                                   "kid_std": result.get("kid_std"), "seconds": round(time.perf_counter() - t0, 1),
-                                   "reference": result.get("reference"), "step": result.get("step")})
+            seconds = round(time.perf_counter() - t0, 1)
+            result["seconds"] = seconds  # kept with the row's result, for a rerun that reuses it
+            atomic_write(out, (json.dumps(result, indent=2) + "\n").encode())
+            report["rows"].append(row(result, sampler, n_steps, seconds))
             common.write_json(cfg.json, report)
     print(table(report))
     if cfg.md:
-        from atomic import atomic_write
-
         atomic_write(cfg.md, table(report).encode())
     if cfg.plot:
         plot(report, cfg.plot)

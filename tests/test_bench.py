@@ -193,13 +193,19 @@ def test_fid_steps_bench_rows_table_and_plot(tmp_path: Path, shards: Path, tmp_p
 
     run = tiny_run(tmp_path_factory, shards)
     report, plot, md = tmp_path / "r.json", tmp_path / "fid.png", tmp_path / "fid.md"
-    run_bench("fid_steps.py", "--ckpt", str(run), "--ref", str(shards), "--n", "4", "--samplers", "ddim,dpm++2m",
-              "--spacings", "auto,uniform", "--steps", "2", "--features", "standin", "--device", "cpu", "--threads",
-              "1", "--work", str(tmp_path / "work"), "--json", str(report), "--plot", str(plot), "--md", str(md))
+    args = ["--ckpt", str(run), "--ref", str(shards), "--n", "4", "--samplers", "ddim,dpm++2m", "--steps", "2",
+            "--features", "standin", "--device", "cpu", "--threads", "1", "--work", str(tmp_path / "work"),
+            "--json", str(report), "--plot", str(plot), "--md", str(md)]
+    run_bench("fid_steps.py", *args)
+    first = json.loads(report.read_text())["rows"]
+    # Then with DPM-Solver++ on uniform timesteps too: the two rows scored before are reused, one is new.
+    out = run_bench("fid_steps.py", *args, "--spacings", "auto,uniform").stdout
+    assert out.count("scored before") == 2 and out.count("evaluate.py") == 1
     rows = json.loads(report.read_text())["rows"]
     # DDIM's default spacing is uniform: one DDIM row; DPM-Solver++ in its default (linspace) and uniform.
     assert [(r["sampler"], r["steps"], r["spacing"]) for r in rows] == [
         ("ddim", 2, "uniform"), ("dpm++2m", 2, "linspace"), ("dpm++2m", 2, "uniform")]
+    assert [r["fid"] for r in rows[:2]] == [r["fid"] for r in first] and all(r["seconds"] > 0 for r in rows)
     assert all(r["fid"] > 0 for r in rows) and rows[1]["fid"] != rows[0]["fid"]  # other timesteps, other images
     assert plot.stat().st_size > 0 and "| dpm++2m (linspace) |" in md.read_text()
 
