@@ -30,6 +30,7 @@ from data import (
     PREFETCH,
     DaliMissingError,
     DataError,
+    SampleIndex,
     ShardReadError,
     _check_shards,
     _ignore_stop_signals,
@@ -282,48 +283,19 @@ class DaliLoader(Loader):
 # PyTorch backend
 
 
-class _SampleIndex:
-    """Where each of the rank's samples lies: tar, byte range, offsets of the image and attribute data."""
-
-    def __init__(self, data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, num_attrs: int):
-        self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
-        first = 0
-        for shard in shards:
-            count = int(shard["count"])
-            lo, hi = max(start, first) - first, min(stop, first + count) - first
-            first += count
-            if lo >= hi:
-                continue
-            idx_path = data_dir / shard["idx"]
-            self.tars.append(str(data_dir / shard["tar"]))
-            lines = idx_path.read_text().splitlines()[1:]
-            for line_no in range(lo, hi):
-                parts = lines[line_no].split() if line_no < len(lines) else []
-                comps = {p[3].rsplit(".", 1)[-1]: (int(p[1]), int(p[2])) for p in
-                         (parts[i:i + 4] for i in range(0, len(parts), 4)) if len(p) == 4 and p[1].isdigit()}
-                if fmt not in comps or (num_attrs and comps.get("attr", (0, 0))[1] != num_attrs):
-                    attr = f" or {num_attrs}-byte attr" if num_attrs else ""  # one byte per manifest attribute
-                    raise DataError(f"{idx_path}: line {line_no + 2}: no {fmt}{attr} entry: {parts}")
-                begin = min(o for o, _ in comps.values())
-                end = max(o + n for o, n in comps.values())
-                tar_ids.append(len(self.tars) - 1)
-                offsets.append(begin)
-                lengths.append(end - begin)
-                img.append((comps[fmt][0] - begin, comps[fmt][1]))
-                attr.append(comps["attr"][0] - begin if num_attrs else -1)
-                keys.append(parts[3].split(".", 1)[0])
-        self.tar_ids = np.asarray(tar_ids, np.int32)
-        self.offsets = np.asarray(offsets, np.int64)
-        self.lengths = np.asarray(lengths, np.int64)
-        self.img = np.asarray(img, np.int64).reshape(-1, 2)
-        self.attr = np.asarray(attr, np.int64)
-        self.keys = keys
+def _rank_index(data_dir: Path, shards: list[dict], start: int, stop: int, fmt: str, num_attrs: int) -> SampleIndex:
+    """Where each of the rank's samples [start, stop) lies: data.SampleIndex (every sample of the split parsed and
+    checked) cut to that range; _BatchReader reads its tars, tar_ids, offsets, lengths, img, attr and keys."""
+    index = SampleIndex(data_dir, shards, fmt, num_attrs)
+    for name in ("tar_ids", "offsets", "lengths", "img", "attr", "keys"):
+        setattr(index, name, getattr(index, name)[start:stop])
+    return index
 
 
 class _BatchReader(torch.utils.data.Dataset):
     """Reads and decodes one batch, given as (local sample indices, flips); runs in DataLoader workers."""
 
-    def __init__(self, index: _SampleIndex, fmt: str, size: int, num_attrs: int):
+    def __init__(self, index: SampleIndex, fmt: str, size: int, num_attrs: int):
         import webdataset.autodecode
 
         self.index, self.fmt, self.size, self.num_attrs = index, fmt, size, num_attrs
@@ -386,7 +358,7 @@ class TorchLoader(Loader):
         super().__init__(*args, **kwargs)
         if state is not None:
             self._check_state(state)
-        index = _SampleIndex(self.data_dir, self.shards, self.start, self.stop, self.format, len(self.attributes))
+        index = _rank_index(self.data_dir, self.shards, self.start, self.stop, self.format, len(self.attributes))
         workers = self.num_threads if self.num_threads is not None else min(os.cpu_count() or 1, 8)
         self._loader = torch.utils.data.DataLoader(
             _BatchReader(index, self.format, self.image_size, len(self.attributes)), batch_size=None,
