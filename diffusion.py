@@ -489,24 +489,18 @@ class GaussianDiffusion(nn.Module):
         for i in steps_iter:
             t = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
             t_prev = torch.full_like(t, int(prev_timesteps[i]))
-            if solver is not None:
-                output = self.model_output(model, x, t, cond, guidance)
-                with _no_autocast(device):
-                    pred_x0 = self.predict_x0(output, x, t)
-                    if clip_denoised:
-                        pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            out = self.p_mean_variance(model, x, t, cond, clip_denoised, guidance, t_prev, variance)
+            pred_x0 = out["pred_x0"]
+            with _no_autocast(device):
+                last = i == n - 1
+                if solver is not None:
                     x = solver.step(i, x, pred_x0)
-            else:
-                out = self.p_mean_variance(model, x, t, cond, clip_denoised, guidance, t_prev, variance)
-                pred_x0 = out["pred_x0"]
-                with _no_autocast(device):
-                    last = i == n - 1
-                    if sampler == "ddpm":
-                        x = out["mean"]
-                        if not last:
-                            x = x + out["variance"].sqrt() * _randn(tuple(shape), generator, device)
-                    else:
-                        x = self._ddim_step(x, t, t_prev, out, eta, generator, last)
+                elif sampler == "ddpm":
+                    x = out["mean"]
+                    if not last:
+                        x = x + out["variance"].sqrt() * _randn(tuple(shape), generator, device)
+                else:
+                    x = self._ddim_step(x, t, t_prev, out, eta, generator, last)
             if callback is not None:
                 callback(i, int(timesteps[i]), x, pred_x0)
             if return_trajectory and i in keep:
@@ -524,7 +518,6 @@ class GaussianDiffusion(nn.Module):
         if eta > 0 and not last:
             x_next = x_next + sigma * _randn(tuple(x.shape), generator, x.device)
         return x_next
-
 
 
 class DPMSolverPP2M:

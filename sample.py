@@ -1,7 +1,7 @@
 """Faces out of a run: sample grids and image folders, a noise-to-face strip, export.
 
     python sample.py --ckpt RUN --n 64 --out grid.png              # DDIM-50 grid from the EMA weights
-    python sample.py --ckpt RUN --sampler dpm++2m --steps 15       # DPM-Solver++(2M): as good in 10-20 steps
+    python sample.py --ckpt RUN --sampler dpm++2m --steps 15       # DPM-Solver++(2M), second order (docs/sampling.md)
     python sample.py --ckpt RUN --n 50000 --outdir samples/        # 000000.png, 000001.png ... resumable (for FID)
     python sample.py --ckpt RUN --trajectory traj.png              # noise -> face: predicted x0 at several steps
     python sample.py --ckpt RUN --attrs "Smiling=1,Eyeglasses=1" --guidance 3 --out smiling.png

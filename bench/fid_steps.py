@@ -142,9 +142,9 @@ def finished(out: Path, cfg: FidStepsConfig, sampler: str, spacing: str, steps: 
 
 def checkpoint_file(ckpt: str) -> Path:
     """The checkpoint file evaluate.py will load for --ckpt (a run folder: its newest valid checkpoint)."""
-    from utills import load_model
+    from utills import resolve_checkpoint
 
-    return Path(load_model(ckpt).source).resolve()
+    return Path(resolve_checkpoint(ckpt)).resolve()
 
 
 def main(cfg: FidStepsConfig) -> dict:
