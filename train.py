@@ -69,7 +69,7 @@ from atomic import atomic_write
 from config import ConfigError
 from data import DataError, ShardReadError, make_loader, parse_where
 from diffusion import DEFAULT_SPACING, OBJECTIVES, SAMPLERS, SCHEDULES, GaussianDiffusion, make_timesteps
-from ema import EMA
+from ema import DTYPES, EMA, PowerEMA, parse_sigma_rels, snapshot_bytes
 from fid import TrainingFID
 from grids import save_grid
 from manifest import attribute_names, read_manifest
@@ -84,6 +84,7 @@ from utills import (
     autocast,
     capture_rng,
     find_latest,
+    is_average,
     list_checkpoints,
     load_checkpoint,
     lock_run,
@@ -103,6 +104,7 @@ from utills import (
     step_in_name,
     this_rank,
     trim_metrics,
+    versions,
     weights_digest,
 )
 
@@ -141,6 +143,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
     ema_decay: float = 0.9999  # EMA decay once warmed up
     ema_warmup: bool = True  # EMA decay min(decay, (1 + n) / (10 + n)) over the first updates
+    phema: str = ""  # post-hoc EMA (EDM2): sigma_rel profiles to track, e.g. 0.05,0.10 ("" = off); fixed for the run
+    phema_every: int = 10000  # with --phema: snapshot every profile every N steps and at the end (never pruned)
+    phema_dtype: str = "fp16"  # with --phema: snapshot weights in fp16 (half the disk) or fp32
     # Checkpoints, samples and logs.
     ckpt_every: int = 5000  # write a checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)
     keep: int = 3  # checkpoints kept in OUT/checkpoints (0 = all)
@@ -156,6 +161,7 @@ class TrainConfig:
     eval_sampler: str = "ddim"  # sampler of those samples: ddim | ddpm | dpm++2m
     eval_steps: int = 50  # sampling steps of those samples
     eval_ref_max: int = 0  # reference images from the training split for those FIDs (0 = all; cached once)
+    patience: int = 0  # with --eval-every: stop after N evaluations without a better FID (0 = never stop early)
     # Hardware.
     device: str = "auto"  # auto | cuda | cuda:N | cpu (under torchrun, cuda is each process's own GPU)
     threads: int = 0  # intra-op CPU threads (0 = PyTorch's default, one per core)
@@ -167,7 +173,7 @@ class TrainConfig:
     CHOICES: ClassVar[dict] = {"loader": ("dali", "torch"), "preset": tuple(PRESETS), "schedule": SCHEDULES,
                                "objective": OBJECTIVES, "lr_schedule": ("constant", "cosine"),
                                "precision": ("auto", "fp16", "bf16", "fp32"),  # --device: utills.pick_device
-                               "sample_sampler": SAMPLERS, "eval_sampler": SAMPLERS}
+                               "sample_sampler": SAMPLERS, "eval_sampler": SAMPLERS, "phema_dtype": tuple(DTYPES)}
     BOUNDS: ClassVar[dict] = {
         "num_workers": ">= -1", "timesteps": "2..100000", "batch_size": ">= 1", "accum": ">= 1", "log_every": ">= 1",
         "sample_steps": ">= 1",
@@ -176,7 +182,7 @@ class TrainConfig:
         "p_free": "0..1",
         "ema_decay": "0..1", "steps": ">= 0", "epochs": ">= 0", "base_channels": ">= 0", "dropout": "..1",
         "threads": ">= 0", "seed": ">= 0", "eval_every": ">= 0", "eval_n": ">= 2", "eval_steps": ">= 1",
-        "eval_ref_max": ">= 0"}
+        "eval_ref_max": ">= 0", "phema_every": ">= 1", "patience": ">= 0"}
     REQUIRED: ClassVar[tuple] = ("data",)
     RETIRED: ClassVar[tuple] = ("fault_nan_at_step", "fault_nan_steps")  # test hooks once in config.json
 
@@ -188,6 +194,8 @@ class Diverged(config.UserError, FloatingPointError):
 
 # Fields that define the model and the diffusion: taken from the checkpoint on resume, and a clash is an error.
 ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "scale_shift_norm", "timesteps", "schedule", "objective")
+# Fields fixed for a run's life in the same way: the post-hoc EMA profiles average every step from the first.
+RUN_FIXED_FIELDS = ("phema",)
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -199,6 +207,10 @@ def check_config(cfg: TrainConfig, given: Collection[str] = ()) -> None:
         raise ConfigError("give --steps N or --epochs E")
     if cfg.rollback and cfg.resume in ("auto", "never"):
         raise ConfigError("--rollback goes with --resume PATH (the checkpoint to go back to)")
+    if cfg.phema:  # written the one way, so that "0.05,0.1" and "0.05,0.10" are the same run
+        cfg.phema = ",".join(f"{s:g}" for s in parse_sigma_rels(cfg.phema, "--phema"))
+    if cfg.patience and not cfg.eval_every:
+        raise ConfigError(f"--patience {cfg.patience} counts training-time evaluations: give --eval-every N too")
     for flag, sampler, steps, used in (("sample", cfg.sample_sampler, cfg.sample_steps, cfg.sample_every),
                                        ("eval", cfg.eval_sampler, cfg.eval_steps, cfg.eval_every)):
         try:  # the grids and evaluations take min(steps, timesteps) steps in the sampler's default spacing
@@ -275,9 +287,11 @@ def merge_resumed_config(cfg: TrainConfig, saved: dict, given: Collection[str]) 
         if f.name not in saved or stored[f.name] == saved[f.name]:  # the same, as stored (paths absolute)
             continue
         new, old = getattr(cfg, f.name), saved[f.name]
-        if f.name in ARCH_FIELDS:
+        if f.name in ARCH_FIELDS or f.name in RUN_FIXED_FIELDS:
             if (f.name in given or new != f.default) and new != old:
-                raise ConfigError(f"{config.flag(f.name)} {new!r} changes the architecture: the checkpoint "
+                what = "changes the architecture" if f.name in ARCH_FIELDS else \
+                    "cannot change during a run (its profiles average every step from the first)"
+                raise ConfigError(f"{config.flag(f.name)} {new!r} {what}: the checkpoint "
                                   f"has {f.name}={old!r} (drop the flag to resume, or start a new --out)")
             updates[f.name] = old
         elif new != old:
@@ -359,6 +373,9 @@ def find_resume(cfg: TrainConfig, run: RunPaths, log: RunLog, is_main: bool) -> 
     if cfg.resume != "never":
         path = resolve_checkpoint(cfg.resume)
         ckpt = load_checkpoint(path)
+        if is_average(ckpt):
+            raise ConfigError(f"--resume {path}: a post-hoc EMA file (averaged weights only), not a training "
+                              f"checkpoint; resume from RUN or RUN/checkpoints/step-*.pt")
         own = list_checkpoints(run.root)
         if path.resolve().parent != run.checkpoints.resolve():
             if own:
@@ -457,6 +474,37 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes
     if cfg.cond and list(ckpt["attributes"]) != list(attributes):
         raise ConfigError(f"{cfg.data}: the attributes differ from the checkpoint's")
     return UNet(**ckpt["model_config"])
+
+
+def phema_plan(phema: PowerEMA, model: UNet, cfg: TrainConfig, total_steps: int, run: RunPaths) -> str:
+    """One line: the profiles, where their snapshots go, and how much disk they take (per snapshot and for the run)."""
+    per_file = snapshot_bytes(model, cfg.phema_dtype)
+    per_snapshot = per_file * len(phema.sigma_rels)
+    count = total_steps // cfg.phema_every + (total_steps % cfg.phema_every != 0)  # and one at the last step
+    profiles = ", ".join(f"{s:g} (gamma {g:.2f})" for s, g in zip(phema.sigma_rels, phema.gammas))
+    return (f"post-hoc EMA: sigma_rel {profiles}; a snapshot every {cfg.phema_every} steps to {run.phema_snapshots}: "
+            f"{len(phema.sigma_rels)} x {per_file / 1e6:.1f} MB ({cfg.phema_dtype}) = {per_snapshot / 1e6:.1f} MB "
+            f"each, {count} snapshots = {count * per_snapshot / 1e9:.2f} GB over {total_steps} steps (never pruned)")
+
+
+def drop_later_snapshots(run: RunPaths, step: int, log: RunLog) -> None:
+    """Post-hoc EMA snapshots of steps after the checkpoint being resumed were written after it by a start that was
+    killed; the resumed run writes them again (the same weights, on the same setup), so they go."""
+    later = [p for p in sorted(run.phema_snapshots.glob("snapshot-*.pt"))
+             if int(p.name.split("-")[1]) > step] if run.phema_snapshots.is_dir() else []
+    for p in later:
+        p.unlink()
+    if later:
+        log.say(f"removed {len(later)} post-hoc EMA snapshot file(s) after step {step} (written after the last "
+                f"checkpoint; this start writes them again)")
+
+
+def out_of_patience(cfg: TrainConfig, state: TrainState) -> str:
+    """Why the run stops early (--patience): "" while it trains on."""
+    if cfg.patience <= 0 or state.evals_since_best < cfg.patience:
+        return ""
+    best = f"{state.best_fid:.2f} (step {state.best_fid_step})" if state.best_fid is not None else "none yet"
+    return f"no better FID in {state.evals_since_best} evaluations; the best is {best}"
 
 
 def config_table(cfg: TrainConfig, title: str, extra: str) -> Table:
@@ -580,6 +628,14 @@ class Checkpointer:
     last: Path | None = None
     noise_gen: torch.Generator | None = None  # a format 1 run's per-rank noise stream, when it goes on in its order
 
+    def meta(self, model: UNet) -> dict:
+        """What a post-hoc EMA snapshot carries besides its weights, so that it rebuilds and samples like a
+        checkpoint."""
+        return {"config": stored_config(self.cfg), "model_config": dict(model.config),
+                "diffusion_config": dict(self.diffusion.config),
+                "image_size": self.loader.image_size, "versions": versions(),
+                "attributes": list(self.loader.attributes) if self.cfg.cond else []}
+
     def legacy_rng(self) -> dict:
         return {"noise": self.noise_gen.get_state()} if self.noise_gen is not None else {}
 
@@ -679,6 +735,13 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             optimizer, lambda i: lr_factor(i, cfg.warmup, total_steps, cfg.lr_schedule))
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
+        # Post-hoc EMA profiles (rank 0 alone: every rank holds the same weights, and rank 0 writes the files).
+        if cfg.phema and ckpt is not None and ckpt.get("phema") is None:
+            raise ConfigError(f"--phema {cfg.phema}: the run in {run.root} was started without it, and the profiles "
+                              f"must average every step from the first; start a new --out to track them")
+        if cfg.phema and ranks.is_main:
+            state.phema = PowerEMA(model, parse_sigma_rels(cfg.phema, "--phema"))
+            log.say(phema_plan(state.phema, model, cfg, total_steps, run))
         amp = autocast(device, precision)
         # A step's t, noise and unconditional rows: drawn for the whole global batch from (seed, step) (step_draws).
         noise_gen = torch.Generator(device)
@@ -701,6 +764,7 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             if ranks.is_main:
                 with os_errors_as_write_error(run.metrics, run.root):
                     trim_metrics(run.metrics, state.step)
+                    drop_later_snapshots(run, state.step, log)
         del ckpt  # the restored state lives in the objects now; free the copies
 
         # Wrap for training: DDP across ranks, then torch.compile; checkpoints always come from the plain `model`.
@@ -735,8 +799,12 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         batches = iter(loader)
         if state.step >= total_steps:
             log.say(f"already at step {state.step} of {total_steps}; nothing to train")
+        early_stop = out_of_patience(cfg, state)
+        if early_stop:  # stopped early before: not another step while the same --patience holds
+            log.say(f"[yellow]this run stopped early[/] at step {state.step}: {early_stop}; nothing to train "
+                    f"(give a larger --patience, or 0, to train on)")
 
-        while state.step < total_steps:
+        while state.step < total_steps and not early_stop:
             # Fetch the next batch; an exhausted loader starts the next epoch.
             t0 = time.perf_counter()
             state.epoch = loader.epoch  # the epoch this batch belongs to
@@ -767,6 +835,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             # Update the running statistics; agree across ranks whether a signal asked us to stop.
             state.step += 1
             state.images_seen += cfg.batch_size
+            if state.phema is not None:
+                state.phema.update(state.images_seen, cfg.batch_size)
             stats.add(loss)
             log.advance(state.step)
             stopping = ranks.any(bool(stop_signal))
@@ -779,7 +849,12 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             best = ranks.any(scores.get("fid") is not None and scores["fid"] < (state.best_fid or math.inf))
             if best and scores:
                 state.best_fid, state.best_fid_step = scores["fid"], step
-            checkpoint_now = checkpoint_now or best
+            if evaluating:  # --patience: evaluations without a better FID (rank 0 counts; its checkpoint keeps it)
+                state.evals_since_best = 0 if best else state.evals_since_best + 1
+            reason = out_of_patience(cfg, state) if evaluating else ""
+            if ranks.any(bool(reason)):  # every rank stops with rank 0, which evaluates
+                early_stop = reason or f"no better FID in {cfg.patience} evaluations (rank 0's)"
+            checkpoint_now = checkpoint_now or best or bool(early_stop)
             log.exclude(scores.get("eval_s", 0.0))
 
             # Log: read the device values back, average the loss over ranks, one line and one JSON record.
@@ -792,7 +867,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                            scores)
 
             # Sample a grid from the EMA weights (rank 0; the global random states are left untouched).
-            if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == total_steps):
+            last = step == total_steps or bool(early_stop)
+            if ranks.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or last):
                 with state.ema.sampling(model), amp:
                     grid = diffusion.sample(model, tuple(sample_noise.shape), sampler=cfg.sample_sampler,
                                             steps=min(cfg.sample_steps, cfg.timesteps), noise=sample_noise)
@@ -801,11 +877,22 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
                 log.images("samples", grid, step)
                 log.say(f"samples: {grid_path}")
 
+            # Post-hoc EMA snapshots (rank 0), before the checkpoint of the same step: a checkpoint never runs ahead
+            # of the snapshots, so a resumed run writes every one of them.
+            if state.phema is not None and (step % cfg.phema_every == 0 or last):
+                with os_errors_as_write_error(run.phema_snapshots, run.root):
+                    state.phema.write_snapshots(run.phema_snapshots, model, step=step, batch_size=cfg.batch_size,
+                                                dtype=cfg.phema_dtype, meta=ckpts.meta(model))
+
             # Checkpoint: every rank's random and data states, gathered; rank 0 writes; all wait for it.
             if checkpoint_now and saved_step != step:
                 watch.check()
                 ckpts.write(state, best)
                 saved_step = step
+            if early_stop:
+                log.say(f"[yellow]stopped early at step {step}[/]: {early_stop} (--patience {cfg.patience}); "
+                        f"the last checkpoint is {ckpts.last}")
+                break
             if stopping:
                 name = signal.Signals(stop_signal[0]).name if stop_signal else "a signal on another rank"
                 log.say(f"[yellow]stopped by {name} at step {step}[/]; run the same command to continue")
@@ -814,9 +901,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
     if state.step >= total_steps and ckpts.last is not None:
         log.say(f"[bold green]done[/]: step {state.step}, {state.images_seen} images; last checkpoint {ckpts.last}")
     last = ckpts.last or ckpt_path
-    report_status("done" if state.step >= total_steps else "stopped", step=state.step, steps=total_steps,
-                  signal=signal.Signals(stop_signal[0]).name if stop_signal else None,
-                  checkpoint=str(last) if last else None)
+    report_status("done" if state.step >= total_steps or early_stop else "stopped", step=state.step,
+                  steps=total_steps, signal=signal.Signals(stop_signal[0]).name if stop_signal else None,
+                  checkpoint=str(last) if last else None, **({"early_stop": early_stop} if early_stop else {}))
     return ckpts.last
 
 

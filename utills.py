@@ -36,7 +36,7 @@ import torch
 from atomic import atomic_write, fsync_dir
 from config import ConfigError, UserError
 from diffusion import GaussianDiffusion
-from ema import EMA
+from ema import AVERAGE_KINDS, EMA, PowerEMA
 from unet import UNet
 
 # The checkpoint format. 0: files written before the format carried a version (read as they are, see `upgrade`).
@@ -48,6 +48,8 @@ from unet import UNet
 FORMAT_VERSION = 2
 # Keys every consumer (train.py resume, sample.py, evaluate.py) reads.
 REQUIRED_KEYS = ("model", "ema", "step", "config", "model_config", "diffusion_config")
+# A post-hoc EMA file (ema.py: a snapshot or a reconstruction) holds one set of averaged weights in "model", no "ema".
+AVERAGE_KEYS = ("model", "step", "sigma_rel", "model_config", "diffusion_config")
 STEP_FILE_RE = re.compile(r"^step-(\d{8,})\.(pt|png)$")  # a checkpoint (checkpoints/) or a sample grid (samples/)
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -126,6 +128,18 @@ class RunPaths:
     def best_fid(self) -> Path:  # the checkpoint with the best training-time FID (not step-*: never pruned or resumed)
         return self.checkpoints / "best-fid.pt"
 
+    @property
+    def phema(self) -> Path:  # post-hoc EMA: reconstructed averages (ema.py), phema-SIGMA-step-STEP.pt
+        return self.root / "phema"
+
+    @property
+    def phema_snapshots(self) -> Path:  # train.py --phema's snapshots, snapshot-STEP-SIGMA.pt (never pruned)
+        return self.phema / "snapshots"
+
+    @property
+    def phema_sweep_plot(self) -> Path:  # evaluate.py --phema-sweep: FID against sigma_rel
+        return self.root / "phema-sweep.png"
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:08d}.pt"
 
@@ -179,7 +193,9 @@ def roll_back(run: RunPaths, step: int) -> Path | None:
         if run.samples.is_dir() else []
     records = [r for r in read_metrics(run.metrics) if r["step"] > step]
     best_later = run.best_fid.is_file() and load_checkpoint(run.best_fid)["step"] > step
-    if not (later or grids or records or best_later):
+    snapshots = sorted(p for p in run.phema_snapshots.glob("snapshot-*.pt")
+                       if int(p.name.split("-")[1]) > step) if run.phema_snapshots.is_dir() else []
+    if not (later or grids or records or best_later or snapshots):
         return None
     aside = run.rolled_back / f"after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
     (aside / "checkpoints").mkdir(parents=True)
@@ -193,6 +209,10 @@ def roll_back(run: RunPaths, step: int) -> Path | None:
         (aside / "samples").mkdir()
         for p in grids:
             os.replace(p, aside / "samples" / p.name)
+    if snapshots:  # post-hoc EMA snapshots of the abandoned steps: the resumed profiles will write their own
+        (aside / "phema-snapshots").mkdir()
+        for p in snapshots:
+            os.replace(p, aside / "phema-snapshots" / p.name)
     fsync_dir(aside)
     return aside
 
@@ -404,15 +424,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"{path}: cannot be loaded ({lines[0][:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint dict (found {type(ckpt).__name__})")
-    ckpt = upgrade(ckpt, path)
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    averaged = is_average(ckpt)
+    if not averaged:
+        ckpt = upgrade(ckpt, path)
+    missing = [k for k in (AVERAGE_KEYS if averaged else REQUIRED_KEYS) if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: missing keys {', '.join(missing)}")
-    for key in ("model", "ema"):
+    for key in ("model",) if averaged else ("model", "ema"):
         bad = _non_finite(ckpt[key], key)
         if bad is not None:
             raise CheckpointError(f"{path}: non-finite values in {bad}")
     return ckpt
+
+
+def is_average(ckpt: dict) -> bool:
+    """Whether a loaded file is a post-hoc EMA snapshot or reconstruction (ema.py), not a training checkpoint: it
+    samples like one but does not resume a run."""
+    return ckpt.get("kind") in AVERAGE_KINDS
 
 
 def upgrade(ckpt: dict, path: str | os.PathLike = "checkpoint") -> dict:
@@ -524,6 +552,8 @@ class TrainState:
     images_seen: int = 0  # over all ranks
     best_fid: float | None = None  # the best training-time FID so far (train.py --eval-every), None before any
     best_fid_step: int = -1  # the step it was measured at
+    evals_since_best: int = 0  # training-time evaluations since the best FID (train.py --patience)
+    phema: PowerEMA | None = None  # the post-hoc EMA profiles (train.py --phema; rank 0 only), None without
 
 
 @dataclass
@@ -555,6 +585,8 @@ def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, 
         "images_seen": int(state.images_seen),
         "best_fid": None if state.best_fid is None else float(state.best_fid),
         "best_fid_step": int(state.best_fid_step),
+        "evals_since_best": int(state.evals_since_best),
+        "phema": state.phema.state_dict() if state.phema is not None else None,
         "data_state": data_state,
         "rng": pack_ranks(rngs) if rngs is not None else None,
         "config": dict(config),
@@ -584,6 +616,9 @@ def restore_checkpoint(ckpt: dict, state: TrainState, *, rank: int = 0, world_si
     # Checkpoints from before --eval-every have neither key: no best FID yet.
     state.best_fid = None if ckpt.get("best_fid") is None else float(ckpt["best_fid"])
     state.best_fid_step = int(ckpt.get("best_fid_step", -1))
+    state.evals_since_best = int(ckpt.get("evals_since_best", 0))
+    if state.phema is not None:  # train.py has checked that the checkpoint tracks the same profiles
+        state.phema.load_state_dict(ckpt["phema"])
     return Resumed(data_state=ckpt.get("data_state"), rng=this_rank(ckpt.get("rng"), rank, world_size))
 
 
@@ -606,7 +641,7 @@ class LoadedModel:
     attributes: list[str]  # conditioning attribute names ([] for an unconditional model)
     source: Path  # the checkpoint or safetensors file
     step: int  # training step of the weights (-1 when unknown)
-    weights: str  # "ema" or "raw"
+    weights: str  # "ema", "raw", or "phema0.0800" (a post-hoc EMA file of that sigma_rel)
     model_config: dict
     diffusion_config: dict
 
@@ -637,16 +672,22 @@ def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.devi
     ckpt_dict = load_checkpoint(path)
     model_config, diffusion_config = dict(ckpt_dict["model_config"]), dict(ckpt_dict["diffusion_config"])
     model, diffusion = _build(path, model_config, diffusion_config)
+    weights = "ema" if use_ema else "raw"
+    if is_average(ckpt_dict):  # a post-hoc EMA average: the one set of weights it holds
+        weights = f"phema{float(ckpt_dict['sigma_rel']):.4f}"
+        if not use_ema:
+            raise CheckpointError(f"{path}: holds post-hoc EMA weights only (sigma_rel {ckpt_dict['sigma_rel']:g}); "
+                                  f"--no-ema needs one of the run's checkpoints")
     try:
         model.load_state_dict(ckpt_dict["model"])
-        if use_ema:
+        if use_ema and not is_average(ckpt_dict):
             ema = EMA(model)
             ema.load_state_dict(ckpt_dict["ema"])
             ema.copy_to(model)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model.to(device).eval(), diffusion.to(device), list(ckpt_dict.get("attributes") or []), path,
-                  int(ckpt_dict.get("step", -1)), "ema" if use_ema else "raw", model_config, diffusion_config)
+                       int(ckpt_dict.get("step", -1)), weights, model_config, diffusion_config)
 
 
 def _build(path: Path, model_config: Any, diffusion_config: Any) -> tuple[UNet, GaussianDiffusion]:
@@ -675,7 +716,7 @@ def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> 
     if missing:
         raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)} (not written by sample.py --export)")
     weights = meta.get("weights", "ema")
-    if not use_ema and weights == "ema":
+    if not use_ema and weights != "raw":
         raise CheckpointError(f"{path}: holds EMA weights only; --no-ema needs the run's checkpoint")
     try:
         model_config, diffusion_config = json.loads(meta["model_config"]), json.loads(meta["diffusion_config"])
