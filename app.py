@@ -60,6 +60,7 @@ from utills import (
     LoadedModel,
     list_checkpoints,
     load_model,
+    owning_run,
     pick_device,
     pid_alive,
     read_metrics,
@@ -127,22 +128,30 @@ def error_line(e: BaseException, device: torch.device, n: int, batch_size: int) 
 # ------------------------------------------------------------------------------------------------ the run
 
 def run_folder(ckpt: Path) -> Path | None:
-    """The run a --ckpt belongs to: the folder itself, or RUN for RUN/checkpoints/FILE; None for a lone file."""
+    """The run a --ckpt belongs to: the folder itself, or RUN for RUN/checkpoints/FILE or RUN/phema/FILE; None for a
+    lone file."""
     if ckpt.is_dir():
         return ckpt.parent if ckpt == run_paths(ckpt.parent).checkpoints else ckpt
-    parent = ckpt.parent
-    return parent.parent if parent == run_paths(parent.parent).checkpoints else None
+    return owning_run(ckpt)
 
 
 def checkpoint_choices(ckpt: Path) -> list[tuple[str, str]]:
-    """The dropdown: (file name, path) for the run's step-*.pt (newest first) and best-fid.pt; a lone file alone."""
+    """The dropdown: (file name, path) for the run's step-*.pt (newest first), best-fid.pt, and the post-hoc EMA
+    averages reconstructed by ema.py (RUN/phema/phema-*.pt, newest step first); a lone file alone."""
     run = run_folder(ckpt)
     files = list(reversed(list_checkpoints(run))) if run is not None else []
     if run is not None and run_paths(run).best_fid.is_file():
         files.append(run_paths(run).best_fid)
+    if run is not None and run_paths(run).phema.is_dir():
+        files += sorted(run_paths(run).phema.glob("phema-*-step-*.pt"), key=lambda p: (-phema_step(p), p.name))
     if ckpt.is_file() and ckpt.resolve() not in {f.resolve() for f in files}:
         files.insert(0, ckpt)
-    return [(f.name, str(f)) for f in files]
+    return [(f"{f.parent.name}/{f.name}" if f.parent.name == "phema" else f.name, str(f)) for f in files]
+
+
+def phema_step(path: Path) -> int:
+    """The step in a reconstructed average's name, phema-0.0800-step-00004000.pt."""
+    return int(path.stem.rsplit("-", 1)[1])
 
 
 def first_choice(ckpt: Path) -> str:
@@ -174,6 +183,13 @@ def checkpoint_facts(path: Path) -> dict:
     return {}
 
 
+def weights_words(weights: str) -> str:
+    """LoadedModel.weights for a person: EMA, raw, or a post-hoc EMA average and its sigma_rel."""
+    if weights.startswith("phema"):
+        return f"post-hoc EMA, sigma_rel {float(weights.removeprefix('phema')):g}"
+    return {"ema": "EMA", "raw": "raw (not EMA)"}.get(weights, weights)
+
+
 def describe(loaded: LoadedModel) -> str:
     """Markdown: what the loaded checkpoint is."""
     facts = checkpoint_facts(loaded.source)
@@ -187,7 +203,7 @@ def describe(loaded: LoadedModel) -> str:
         + (f"**{seen:,}** images seen" if isinstance(seen, int) else "images seen: not recorded"),
         f"- **{params:,}** parameters" + (f" (preset {train_cfg['preset']})" if train_cfg.get("preset") else ""),
         f"- **{loaded.image_size}x{loaded.image_size}** px, {loaded.channels} channels",
-        f"- **{'EMA' if loaded.weights == 'ema' else 'raw (not EMA)'}** weights",
+        f"- **{weights_words(loaded.weights)}** weights",
         f"- **{'conditional' if loaded.conditional else 'unconditional'}**"
         + (f" on {len(loaded.attributes)} attributes" if loaded.conditional else ""),
         f"- diffusion: {dc.get('objective', 'eps')} objective, {dc.get('schedule', 'linear')} schedule, "

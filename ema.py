@@ -419,9 +419,11 @@ class PhemaConfig:
 
 
 def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int | None = None,
-                out: str | os.PathLike | None = None, export: bool = False, log=print) -> list[Path]:
+                out: str | os.PathLike | None = None, export: bool = False, log=print,
+                reuse: bool = False) -> list[Path]:
     """Reconstruct the averages `sigma_rels` of run `run` at snapshot step `step` into files that load like a
-    checkpoint (`out`/phema-SIGMA-step-STEP.pt); prints the coefficients and the system's condition number."""
+    checkpoint (`out`/phema-SIGMA-step-STEP.pt); prints the coefficients and the system's condition number.
+    reuse: keep an existing output file made from the same snapshots (evaluate.py --phema-sweep's reruns)."""
     from rich.table import Table  # noqa: PLC0415 (the command line's needs)
 
     from utills import load_model, run_paths  # noqa: PLC0415 (utills imports this module)
@@ -448,13 +450,20 @@ def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int |
     meta = {k: first[k] for k in ("model_config", "diffusion_config", "image_size", "attributes", "config",
                                   "versions") if k in first}
     folder = Path(out) if out else paths.phema
-    written = []
-    for sigma_rel, state, coefficients in zip(p.sigma_rels, combine(p), p.coefficients.T):
+    sources = [{"file": s.path.name, "step": s.step, "images_seen": s.images_seen, "sigma_rel": s.sigma_rel}
+               for s in p.snapshots]
+    kept = {j for j, s in enumerate(p.sigma_rels) if reuse and made_from(folder / average_name(s, p.step), sources)}
+    todo = Plan(p.snapshots, p.step, p.images_seen, [s for j, s in enumerate(p.sigma_rels) if j not in kept],
+                p.coefficients[:, [j for j in range(len(p.sigma_rels)) if j not in kept]], p.condition_number)
+    written = [folder / average_name(s, p.step) for j, s in enumerate(p.sigma_rels) if j in kept]
+    for path in written:
+        log(f"reused: {path}")
+    for sigma_rel, state, coefficients in zip(todo.sigma_rels, combine(todo) if todo.sigma_rels else [],
+                                              todo.coefficients.T):
         average = {"kind": AVERAGE_KIND, "phema_format": PHEMA_FORMAT, "step": p.step, "images_seen": p.images_seen,
                    "sigma_rel": sigma_rel, "gamma": float(sigma_rel_to_gamma(sigma_rel)), "model": state,
                    "coefficients": [float(c) for c in coefficients],
-                   "snapshots": [{"file": s.path.name, "step": s.step, "images_seen": s.images_seen,
-                                  "sigma_rel": s.sigma_rel} for s in p.snapshots],
+                   "snapshots": sources,
                    "condition_number": p.condition_number, "max_abs_coefficient": float(np.abs(coefficients).max()),
                    **meta}
         path = atomic_write(folder / average_name(sigma_rel, p.step), lambda f, obj=average: torch.save(obj, f))
@@ -466,6 +475,15 @@ def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int |
             exported = export_safetensors(load_model(path), path.with_suffix(".safetensors"))
             log(f"  exported: {exported}")
     return written
+
+
+def made_from(path: Path, sources: list[dict]) -> bool:
+    """Whether `path` is a reconstruction that loads and was made from exactly these snapshots."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(d, dict) and d.get("kind") == AVERAGE_KIND and d.get("snapshots") == sources
 
 
 def main(cfg: PhemaConfig) -> list[Path]:

@@ -5,11 +5,17 @@
     python evaluate.py --ckpt RUN --ref SHARDS --n 10000 --steps 100 --metrics fid
     python evaluate.py --ckpt RUN --ref SHARDS --n 200 --features standin                 # plumbing only
     python evaluate.py --ckpt RUN --metrics attrs --judge SHARDS/judge.pt --judge-guidance 1,3   # attributes only
+    python evaluate.py --ckpt RUN --ref SHARDS --phema-sweep 0.03:0.20:8 --n 10000   # choose the post-hoc EMA length
 
 Samples go to --outdir (default RUN/eval/step-XXXXXXXX-ema-ddim50-eta0.0-seed0) through sample.py's functions, so an
 interrupted evaluation keeps its images and a rerun only makes the missing ones. Reference statistics (mean,
 covariance, and up to --kid-max features for KID) come from the images of the shards' --ref-split, once: they are
 cached under --cache-dir keyed by the shard manifest's sha256, the split, --ref-max and the feature network's identity.
+`--phema-sweep A:B:K` (a run trained with --phema) reconstructs K post-hoc EMA lengths sigma_rel from A to B (ema.py)
+at the last snapshot (or --phema-step), scores each and the run's classic EMA at that step with the same noise against
+the same cached reference, and writes the table to eval.json ("phema_sweep"), the plot to RUN/phema-sweep.png, and the
+best one by FID.
+
 The metric maths is in fid.py, the choice of feature network in inception.py (our own, following torch-fidelity and
 clean-fid, because neither imports without a CUDA-built torchvision). Papers to compare with (DDIM, CelebA 64, 50k
 samples vs the training set): DDIM 50 steps 9.17, 100 steps 6.53, 1000 steps 3.51; DDPM 1000 steps 5.98.
@@ -43,6 +49,7 @@ from rich.table import Table
 
 import config
 import diffusion
+import ema
 import fid
 import inception
 from atomic import atomic_write
@@ -62,7 +69,15 @@ from sample import (
     spacing_of,
     write_outdir,
 )
-from utills import LoadedModel, load_model, os_errors_as_write_error, pick_device, run_paths, set_threads
+from utills import (
+    LoadedModel,
+    load_model,
+    os_errors_as_write_error,
+    owning_run,
+    pick_device,
+    run_paths,
+    set_threads,
+)
 
 METRICS = ("fid", "kid", "attrs")
 SPLITS = ("train", "valid", "test", "all")
@@ -103,6 +118,8 @@ class EvalConfig:
     judge_attrs: str = ""  # attributes to request =1 / =0 / free (default: the 4 the judge reads best, >= 0.95)
     judge_guidance: str = "1,3"  # guidance scales of the requested-attribute report
     judge_n: int = 200  # samples per setting of the attribute report
+    phema_sweep: str = ""  # post-hoc EMA lengths to score, "A:B:K" (K from A to B) or "0.05,0.1" (a --phema run)
+    phema_step: int = -1  # the snapshot step of --phema-sweep (-1: the last snapshot)
 
     CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin"),
                                "sampler": SampleConfig.CHOICES["sampler"], "spacing": SampleConfig.CHOICES["spacing"],
@@ -134,8 +151,31 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         scales = []
     if not scales or any(not w >= 0 for w in scales):
         raise EvalError(f"--judge-guidance: expected numbers >= 0 separated by commas, got {cfg.judge_guidance!r}")
+    if cfg.phema_sweep:
+        if "attrs" in wanted or not wanted:
+            raise EvalError("--phema-sweep scores FID/KID; give --metrics fid or fid,kid (no attrs)")
+        if not Path(cfg.ckpt).is_dir():
+            raise EvalError(f"--phema-sweep: --ckpt {cfg.ckpt} must be the run folder (its phema/snapshots)")
+        if cfg.outdir or cfg.out:
+            raise EvalError("--phema-sweep names its own image folders and writes RUN/eval.json; drop --outdir/--out")
+        sweep_values(cfg.phema_sweep)
     config.check(cfg)
     return wanted
+
+
+def sweep_values(text: str) -> list[float]:
+    """--phema-sweep: "A:B:K" -> K values from A to B (both included); "a,b,c" -> those."""
+    if ":" in text:
+        try:
+            a, b, k = text.split(":")
+            start, stop, count = float(a), float(b), int(k)
+        except ValueError:
+            raise EvalError(f"--phema-sweep {text!r}: expected START:STOP:COUNT, e.g. 0.03:0.20:8") from None
+        if count < 1 or (count > 1 and not start < stop):
+            raise EvalError(f"--phema-sweep {text!r}: COUNT >= 1 values from START < STOP")
+        values = [float(v) for v in np.linspace(start, stop, count)]
+        return ema.parse_sigma_rels(",".join(f"{v:.6g}" for v in values), "--phema-sweep")
+    return ema.parse_sigma_rels(text, "--phema-sweep")
 
 
 def sample_config(cfg: EvalConfig) -> SampleConfig:
@@ -147,11 +187,11 @@ def sample_config(cfg: EvalConfig) -> SampleConfig:
 
 
 def run_folder(loaded: LoadedModel, ckpt: str) -> Path:
-    """The run a checkpoint belongs to: RUN for RUN/checkpoints/step-*.pt, else the folder given or the file's."""
+    """The run a checkpoint belongs to: RUN for RUN/checkpoints/step-*.pt or RUN/phema/*.pt, else the folder given or
+    the file's."""
     if Path(ckpt).is_dir() and Path(ckpt) != run_paths(Path(ckpt).parent).checkpoints:
         return Path(ckpt)
-    parent = loaded.source.parent
-    return parent.parent if parent == run_paths(parent.parent).checkpoints else parent
+    return owning_run(loaded.source) or loaded.source.parent
 
 
 def default_outdir(run: Path, loaded: LoadedModel, s: SampleConfig) -> Path:
@@ -303,6 +343,9 @@ def main(cfg: EvalConfig) -> dict:
     console.print(f"[bold]evaluate[/] {dataclasses.asdict(cfg)}")
     device = pick_device(cfg.device)
     fid_wanted = [m for m in wanted if m in ("fid", "kid")]
+    if cfg.phema_sweep:  # no snapshots, or no --phema-step among them: before anything slow
+        snapshots = run_paths(cfg.ckpt).phema_snapshots
+        ema.plan(ema.read_snapshots(snapshots), sweep_values(cfg.phema_sweep), cfg.phema_step, where=str(snapshots))
     # Load the feature network and the judge first: a missing file should stop us before the sampling.
     net = inception.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
         if fid_wanted else None
@@ -313,19 +356,14 @@ def main(cfg: EvalConfig) -> dict:
     run = run_folder(loaded, cfg.ckpt)
     result: dict = {}
 
-    if fid_wanted:
-        outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)
-        # Reference statistics (cached), before sampling so that a bad --ref fails fast too.
-        ref, ref_info = reference_stats(cfg, net, loaded.image_size)
-        # Generated images: only the missing ones are made.
-        have = len(existing_images(outdir, cfg.n))
-        made = write_outdir(loaded, scfg, outdir, cfg.n)
-        console.print(f"{outdir}: {have} images reused, {made} made")
-        gen = feature_stats(generated_images(outdir, cfg.n, loaded.image_size), cfg.n, net, cfg, "generated")
-        result = fid.scores(gen, ref, fid_wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
-        result.update({"n": cfg.n, "feature_network": net.name, "reference": ref_info, "samples": str(outdir)})
+    if cfg.phema_sweep:
+        result = phema_sweep(cfg, fid_wanted, net, loaded, run, device)
+    elif fid_wanted:
+        result = score(cfg, fid_wanted, net, loaded, run)
     if "attrs" in wanted:
         result["attributes"] = report_attributes(cfg, loaded, judge)
+    if cfg.phema_sweep:  # eval.json names the best average as the evaluated weights
+        loaded = load_model(result["phema_sweep"]["best"]["file"], device="cpu")
 
     result.update({
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "spacing": spacing_of(scfg), "clip": clip_of(scfg),
@@ -346,7 +384,12 @@ def main(cfg: EvalConfig) -> dict:
         f.write(json.dumps(result) + "\n")
     if "attrs" in wanted:
         show_attributes(result["attributes"], out.with_name(out.stem + "-attributes.md"))
-    if fid_wanted:
+    if cfg.phema_sweep:
+        best = result["phema_sweep"]["best"]
+        console.print(f"[bold green]best post-hoc EMA[/]: sigma_rel {best['sigma_rel']:g} ({best['file']}), "
+                      f"FID {best['fid']:.3f}; the classic EMA: FID {result['phema_sweep']['classic_ema']['fid']:.3f} "
+                      f"-> {out}, {run_paths(run).phema_sweep_plot}")
+    elif fid_wanted:
         shown = "  ".join([f"FID {result['fid']:.3f}"] if "fid" in result else [])
         if "kid" in wanted:
             shown += f"  KID {result['kid_mean']:.5f} ± {result['kid_std']:.5f}"
@@ -355,6 +398,102 @@ def main(cfg: EvalConfig) -> dict:
     else:
         console.print(f"[bold green]attribute report[/] -> {out}")
     return result
+
+
+def score(cfg: EvalConfig, fid_wanted: list[str], net: FeatureNet, loaded: LoadedModel, run: Path) -> dict:
+    """FID/KID of `loaded`'s samples (made into the outdir, reusing what is there) against the cached reference."""
+    scfg = sample_config(cfg)
+    outdir = Path(cfg.outdir) if cfg.outdir else default_outdir(run, loaded, scfg)
+    # Reference statistics (cached), before sampling so that a bad --ref fails fast too.
+    ref, ref_info = reference_stats(cfg, net, loaded.image_size)
+    # Generated images: only the missing ones are made.
+    have = len(existing_images(outdir, cfg.n))
+    made = write_outdir(loaded, scfg, outdir, cfg.n)
+    console.print(f"{outdir}: {have} images reused, {made} made")
+    gen = feature_stats(generated_images(outdir, cfg.n, loaded.image_size), cfg.n, net, cfg, "generated")
+    result = fid.scores(gen, ref, fid_wanted, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+    result.update({"n": cfg.n, "feature_network": net.name, "reference": ref_info, "samples": str(outdir)})
+    return result
+
+
+def phema_sweep(cfg: EvalConfig, fid_wanted: list[str], net: FeatureNet, classic: LoadedModel, run: Path,
+                device: torch.device) -> dict:
+    """--phema-sweep: reconstruct each sigma_rel at the snapshot step, score each and the classic EMA at that step
+    (same noise, same reference), plot, and name the best -> eval.json's "phema_sweep" (and the plain FID/KID keys of
+    the best)."""
+    sigma_rels = sweep_values(cfg.phema_sweep)
+    files = ema.reconstruct(run, sigma_rels, cfg.phema_step, reuse=True, log=console.print)
+    step = ema.plan(ema.read_snapshots(run_paths(run).phema_snapshots), sigma_rels[:1], cfg.phema_step).step
+    # The classic EMA of the same step when its checkpoint is still there (--keep may have pruned it), else --ckpt's.
+    at_step = run_paths(run).checkpoint(step)
+    if at_step.is_file():
+        classic = load_model(at_step, use_ema=True, device=device)
+    elif classic.step != step:
+        console.print(f"[yellow]note:[/] {at_step} is gone (pruned by --keep?): the classic EMA is scored at step "
+                      f"{classic.step} instead")
+    rows = []
+    for path, sigma_rel in zip(files, sigma_rels):
+        loaded = load_model(path, use_ema=True, device=device)
+        check_model_settings(sample_config(cfg), loaded)
+        rows.append({"sigma_rel": sigma_rel, "file": str(path), **score(cfg, fid_wanted, net, loaded, run)})
+        console.print(f"sigma_rel {sigma_rel:.4f}: " + ", ".join(f"{k} {rows[-1][k]:.4f}" for k in fid_wanted
+                                                                     if k in rows[-1]))
+    base = {"step": classic.step, "ema_decay": (classic_config(classic).get("ema_decay")), "file": str(classic.source),
+            **score(cfg, fid_wanted, net, classic, run)}
+    key = "fid" if "fid" in fid_wanted else "kid_mean"
+    best = min(rows, key=lambda r: r[key])
+    table = Table(title=f"post-hoc EMA sweep at step {step} (n={cfg.n}, {cfg.sampler}-{cfg.steps})")
+    for name in ("sigma_rel", *[k for k in ("fid", "kid_mean") if k in best]):
+        table.add_column(name, justify="right")
+    for r in rows:
+        mark = " *" if r is best else ""
+        table.add_row(f"{r['sigma_rel']:.4f}{mark}", *[f"{r[k]:.4f}" for k in ("fid", "kid_mean") if k in r])
+    table.add_row(f"classic EMA ({base['ema_decay']})", *[f"{base[k]:.4f}" for k in ("fid", "kid_mean") if k in base])
+    console.print(table)
+    plot_sweep(rows, base, key, step, run_paths(run).phema_sweep_plot)
+    keep = ("sigma_rel", "file", "fid", "kid_mean", "kid_std", "samples")
+    return {**{k: best[k] for k in ("fid", "kid_mean", "kid_std") if k in best},
+            "n": cfg.n, "feature_network": best["feature_network"], "reference": best["reference"],
+            "phema_sweep": {"step": step, "metric": key, "rows": [{k: r[k] for k in keep if k in r} for r in rows],
+                            "classic_ema": {k: base[k] for k in ("step", "ema_decay", "file", "fid", "kid_mean",
+                                                                 "kid_std", "samples") if k in base},
+                            "best": {k: best[k] for k in keep if k in best},
+                            "plot": str(run_paths(run).phema_sweep_plot)}}
+
+
+def classic_config(loaded: LoadedModel) -> dict:
+    """The training config a checkpoint was written with ({} when it holds none)."""
+    try:
+        return dict(torch.load(loaded.source, map_location="cpu", weights_only=True, mmap=True).get("config") or {})
+    except Exception:
+        return {}
+
+
+def plot_sweep(rows: list[dict], base: dict, key: str, step: int, path: Path) -> Path:
+    """FID (or KID) against sigma_rel, the classic EMA's as a horizontal line, the best marked."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    label = "FID" if key == "fid" else "KID"
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs, ys = [r["sigma_rel"] for r in rows], [r[key] for r in rows]
+    ax.plot(xs, ys, "o-", label="post-hoc EMA (reconstructed)")
+    best = min(range(len(rows)), key=lambda i: ys[i])
+    ax.plot([xs[best]], [ys[best]], "*", markersize=14, color="tab:red", label=f"best: sigma_rel {xs[best]:.3g}")
+    ax.axhline(base[key], color="tab:gray", linestyle="--",
+               label=f"classic EMA (decay {base['ema_decay']})" if base.get("ema_decay") else "classic EMA")
+    ax.set_xlabel("sigma_rel (relative EMA length)")
+    ax.set_ylabel(f"{label} (lower is better)")
+    ax.set_title(f"post-hoc EMA at step {step}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with os_errors_as_write_error(path):
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return path
 
 
 def cli(argv: list[str] | None = None) -> None:

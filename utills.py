@@ -147,6 +147,17 @@ class RunPaths:
         return self.samples / f"step-{step:08d}.png"
 
 
+def owning_run(path: str | os.PathLike) -> Path | None:
+    """The run folder a file lies in: RUN for RUN/checkpoints/FILE, RUN/phema/FILE or RUN/phema/snapshots/FILE; None
+    for a file elsewhere."""
+    path = Path(path)
+    for run in path.parents[1:3]:
+        paths = run_paths(run)
+        if path.parent in (paths.checkpoints, paths.phema, paths.phema_snapshots):
+            return run
+    return None
+
+
 def run_paths(run_dir: str | os.PathLike) -> RunPaths:
     """The paths of the run folder `run_dir`."""
     return RunPaths(Path(run_dir))
