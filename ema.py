@@ -149,10 +149,16 @@ AVERAGE_KIND = "phema"  # "kind" of a reconstructed file
 AVERAGE_KINDS = (SNAPSHOT_KIND, AVERAGE_KIND)
 PHEMA_FORMAT = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-# Above this condition number of the snapshots' Gram matrix A the float64 solve may lose more than about 4 of its
-# 16 digits (relative error up to cond * 1.1e-16 = 1e-4 at 1e12), no longer small beside an fp16 snapshot's own rounding
-# (4.9e-4 relative). Measured on this project's schedules (2 profiles, 10 to 400 snapshots): 1e3 to 1e9.
+# Above this condition number of the snapshots' Gram matrix A the float64 solve may lose more than 12 of its 16 digits:
+# the coefficients' relative error (up to cond * 1.1e-16) reaches 1e-4, no longer small beside an fp16 snapshot's own
+# rounding (2^-11 = 4.9e-4 relative). Measured for evenly spaced snapshots (ema.py's tests print the same): two
+# profiles 0.05,0.10: cond 81 (3 snapshots), 1.1e3 (10), 5.9e5 (50), 1.0e7 (100), 2.8e9 (400), never near it; three
+# profiles 0.05,0.10,0.15: 1.9e10 at 50 snapshots, 1.3e12 at 100, 6e15 at 400 (and coefficients up to 46): too close
+# to each other to add information, so the warning names that.
 COND_WARN = 1e12
+# Above this relative error of the fitted profile the average is a visibly different profile from the one asked for
+# (e.g. 0.20 from 3 evenly spaced snapshots of 0.05 and 0.10: 32%; from 16: 2.3%; 0.03 from 16: 3.9%): snapshot more often, or track a profile nearer it.
+FIT_WARN = 0.10
 
 
 class PhemaError(UserError, ValueError):
@@ -227,6 +233,18 @@ def solve_coefficients(t_in: Sequence[float], sigma_in: Sequence[float], t_out: 
     b = profile_inner(col(t_in), col(g_in), row(t_out), row(g_out))
     x = np.linalg.solve(a, b)
     return x / x.sum(axis=0, keepdims=True), float(np.linalg.cond(a))
+
+
+def fit_error(t_in: Sequence[float], sigma_in: Sequence[float], t_out: float, sigma_out: float,
+              coefficients: np.ndarray) -> float:
+    """||sum_i c_i p_i - q|| / ||q||: how far the combination's profile is from the target's (0 = exact), in closed
+    form from the same inner products."""
+    g_in, g_out = sigma_rel_to_gamma(np.float64(sigma_in)), float(sigma_rel_to_gamma(sigma_out))
+    t_in, c = np.float64(t_in), np.float64(coefficients)
+    a = profile_inner(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
+    b = profile_inner(t_in, g_in, np.float64(t_out), g_out)
+    qq = profile_inner(np.float64(t_out), g_out, np.float64(t_out), g_out)
+    return float(np.sqrt(max(c @ a @ c - 2 * c @ b + qq, 0.0) / qq))
 
 
 class PowerEMA:
@@ -440,9 +458,16 @@ def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int |
         table.add_row(str(s.step), str(s.images_seen), f"{s.sigma_rel:.4f}",
                       *[f"{p.coefficients[i, j]:+.6f}" for j in range(len(p.sigma_rels))])
     log(table)
-    largest = np.abs(p.coefficients).max(axis=0)
-    log("largest |coefficient|: " + ", ".join(f"{s:.4f}: {m:.3f}" for s, m in zip(p.sigma_rels, largest))
-        + f"; condition number of the snapshots' Gram matrix: {p.condition_number:.3g}")
+    t_in, s_in = [s.images_seen for s in p.snapshots], [s.sigma_rel for s in p.snapshots]
+    fits = [fit_error(t_in, s_in, p.images_seen, s, p.coefficients[:, j]) for j, s in enumerate(p.sigma_rels)]
+    for j, sigma_rel in enumerate(p.sigma_rels):
+        c = p.coefficients[:, j]
+        log(f"-> {sigma_rel:.4f}: largest |coefficient| {np.abs(c).max():.3f}, sum |coefficient| {np.abs(c).sum():.3f} "
+            f"(how much the snapshots' own rounding is amplified), profile fit error {fits[j]:.2%}")
+        if fits[j] > FIT_WARN:
+            log(f"warning: sigma_rel {sigma_rel:.4f} is poorly represented by these snapshots (profile fit error "
+                f"{fits[j]:.0%} > {FIT_WARN:.0%}): snapshot more often, or track a profile nearer it")
+    log(f"condition number of the snapshots' Gram matrix: {p.condition_number:.3g}")
     if p.condition_number > COND_WARN:
         log(f"warning: condition number {p.condition_number:.3g} > {COND_WARN:.0e}: the coefficients may have lost "
             f"precision in the float64 solve (snapshots too close in time and sigma_rel?)")
@@ -465,6 +490,7 @@ def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int |
                    "coefficients": [float(c) for c in coefficients],
                    "snapshots": sources,
                    "condition_number": p.condition_number, "max_abs_coefficient": float(np.abs(coefficients).max()),
+                   "fit_error": fits[p.sigma_rels.index(sigma_rel)],
                    **meta}
         path = atomic_write(folder / average_name(sigma_rel, p.step), lambda f, obj=average: torch.save(obj, f))
         written.append(path)
