@@ -157,7 +157,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 # to each other to add information, so the warning names that.
 COND_WARN = 1e12
 # Above this relative error of the fitted profile the average is a visibly different profile from the one asked for
-# (e.g. 0.20 from 3 evenly spaced snapshots of 0.05 and 0.10: 32%; from 16: 2.3%; 0.03 from 16: 3.9%): snapshot more often, or track a profile nearer it.
+# (e.g. 0.20 from 3 evenly spaced snapshots of 0.05 and 0.10: 32%; from 16 of them: 2.3%; 0.03 from 16: 3.9%):
+# snapshot more often, or track a profile nearer it.
 FIT_WARN = 0.10
 
 
