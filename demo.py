@@ -69,6 +69,7 @@ def logged_step(metrics: Path, offset: int) -> int:
 def main(cfg: DemoConfig) -> None:
     import torch
 
+    from ema import average_name
     from utills import run_paths
 
     py = sys.executable
@@ -102,7 +103,9 @@ def main(cfg: DemoConfig) -> None:
              # The training-time FID curve (on the loss plot): few samples and reference images on the CPU, where
              # the FID Inception is slow.
              "--eval-every", str(max(steps // 4, 1)), "--eval-n", "500" if cuda else "64", "--eval-steps", "25",
-             "--eval-ref-max", "0" if cuda else "256"]
+             "--eval-ref-max", "0" if cuda else "256",
+             # Post-hoc EMA: two power-function profiles, 16 snapshots of each; the EMA length is chosen afterwards.
+             "--phema", "0.05,0.10", "--phema-every", str(max(steps // 16, 1))]
     # The interruption is timed by the run's own log, not the clock, so a slow or busy machine changes nothing.
     metrics = run_paths(run_dir).metrics
     logged = metrics.stat().st_size if metrics.is_file() else 0  # a rerun of the demo: only new records count
@@ -125,10 +128,15 @@ def main(cfg: DemoConfig) -> None:
     run([py, "sample.py", "--ckpt", str(run_dir), "--n", "64", "--steps", "50", "--device", device,
          "--out", str(grid), "--trajectory", str(traj)])
     run([py, "pictures.py", "--progress-gif", str(run_dir)])
+    # Post-hoc EMA: reconstruct two other EMA lengths from the snapshots; a grid from one, with the same noise.
+    run([py, "ema.py", "--run", str(run_dir), "--sigma-rel", "0.08,0.15"])
+    grid_phema = out / "grid-phema.png"
+    run([py, "sample.py", "--ckpt", str(run_paths(run_dir).phema / average_name(0.15, steps)), "--n", "64",
+         "--steps", "50", "--device", device, "--out", str(grid_phema)])
 
     paths = run_paths(run_dir)
     console.print("\n[bold green]demo done.[/] Pictures:")
-    for p in [noising, grid, traj, paths.progress_gif, paths.loss_plot, paths.samples]:
+    for p in [noising, grid, traj, grid_phema, paths.progress_gif, paths.loss_plot, paths.samples]:
         console.print(f"  {p}")
     console.print(f"  checkpoints: {paths.checkpoints}   metrics: {paths.metrics}")
     # Last: the web page over this run (app.py; gradio comes with requirements.lock).
