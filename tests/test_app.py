@@ -294,6 +294,35 @@ def test_attrs_spec_and_sample_command():
                    "--attrs A=1,C=0 --out grid.png")
 
 
+def test_dropdown_lists_post_hoc_ema_reconstructions(run: Path, tmp_path: Path):
+    """Averages reconstructed by ema.py (RUN/phema/phema-*.pt) are in the checkpoint dropdown after the run's
+    checkpoints, newest step first, and the page says what they are."""
+    import shutil
+
+    import ema
+    from utills import load_checkpoint, load_model
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = load_checkpoint(copy / "checkpoints" / "step-00000004.pt")
+    model = load_model(copy / "checkpoints" / "step-00000004.pt").model
+    phema = ema.PowerEMA(model, [0.05, 0.10])
+    meta = {k: ckpt[k] for k in ("model_config", "diffusion_config", "image_size", "attributes", "config")}
+    for step in (2, 4):
+        phema.update(step * 4, 4)
+        phema.write_snapshots(copy / "phema" / "snapshots", model, step=step, batch_size=4, meta=meta)
+    ema.reconstruct(copy, [0.08], step=2, log=lambda *a: None)
+    ema.reconstruct(copy, [0.08, 0.12], log=lambda *a: None)
+    names = [label for label, _ in app.checkpoint_choices(copy)]
+    assert names[-3:] == ["phema/phema-0.0800-step-00000004.pt", "phema/phema-0.1200-step-00000004.pt",
+                          "phema/phema-0.0800-step-00000002.pt"], names
+    assert "step-00000004.pt" in names[:3] and not any("snapshot" in n for n in names)
+    path = dict(app.checkpoint_choices(copy))["phema/phema-0.0800-step-00000004.pt"]
+    assert app.run_folder(Path(path)) == copy
+    page = app.describe(load_model(path))
+    assert "post-hoc EMA, sigma_rel 0.08" in page and "step **4**" in page
+
+
 def test_cli_errors_are_one_line(tmp_path: Path):
     cases = [(["--ckpt", str(tmp_path / "nope")], "no such checkpoint file or run folder"),
              (["--ckpt", str(tmp_path), "--port", "0"], "--port 0: must be in 1..65535"),
