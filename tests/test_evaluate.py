@@ -324,3 +324,91 @@ def test_evaluate_defaults_use_the_packaged_inception(run: Path, shards: Path, t
                                       out=str(tmp_path / "eval.json"), kid_subsets=5))
     assert result["feature_network"] == "default_1.pt:sha256=7ff4a85c3a6378f0"
     assert result["fid"] > 0 and np.isfinite(result["kid_mean"]) and result["reference"]["count"] == 12
+
+
+# ------------------------------------------------------------------------------------------------ post-hoc EMA sweep
+
+def with_snapshots(run: Path, dest: Path) -> Path:
+    """A copy of the tiny run with post-hoc EMA snapshots at steps 2 and 4 (two profiles of its step-4 weights
+    perturbed per step: real PowerEMA files, not a real training history)."""
+    import shutil
+
+    import ema
+    from utills import load_checkpoint, load_model
+
+    copy = shutil.copytree(run, dest)
+    ckpt = load_checkpoint(copy / "checkpoints" / "step-00000004.pt")
+    model = load_model(copy / "checkpoints" / "step-00000004.pt").model
+    phema = ema.PowerEMA(model, [0.05, 0.10])
+    meta = {k: ckpt[k] for k in ("model_config", "diffusion_config", "image_size", "attributes", "config")}
+    gen = torch.Generator().manual_seed(0)
+    for step in (1, 2, 3, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        phema.update(step * 4, 4)
+        if step % 2 == 0:
+            phema.write_snapshots(copy / "phema" / "snapshots", model, step=step, batch_size=4, meta=meta)
+    return copy
+
+
+def test_phema_sweep_scores_every_length_and_the_classic_ema(run: Path, shards: Path, tmp_path: Path, capsys):
+    copy = with_snapshots(run, tmp_path / "run")
+    argv = ["--ckpt", str(copy), "--ref", str(shards), "--n", "8", "--batch-size", "8", "--steps", "2",
+            "--features", "standin", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+            "--phema-sweep", "0.05:0.15:3", "--kid-subsets", "5", "--kid-subset-size", "8"]
+    evaluate.cli(argv)
+    result = json.loads((copy / "eval.json").read_text())
+    sweep = result["phema_sweep"]
+    assert sweep["step"] == 4 and sweep["metric"] == "fid"
+    assert [r["sigma_rel"] for r in sweep["rows"]] == [0.05, 0.1, 0.15]
+    assert all(r["fid"] > 0 and np.isfinite(r["kid_mean"]) for r in sweep["rows"])
+    assert sweep["best"] == min(sweep["rows"], key=lambda r: r["fid"]) and result["fid"] == sweep["best"]["fid"]
+    assert sweep["classic_ema"]["step"] == 4 and sweep["classic_ema"]["fid"] > 0
+    assert sweep["classic_ema"]["file"].endswith("step-00000004.pt")
+    assert result["weights"] == f"phema{sweep['best']['sigma_rel']:.4f}" and result["step"] == 4
+    # One image folder per length and the classic EMA, with the same noise: same first image where weights agree.
+    names = sorted(Path(r["samples"]).name for r in sweep["rows"])
+    assert names == [f"step-00000004-phema{s}-ddim2-eta0.0-seed0" for s in ("0.0500", "0.1000", "0.1500")]
+    assert (copy / "phema-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (copy / "phema").glob("*.pt")) == [
+        "phema-0.0500-step-00000004.pt", "phema-0.1000-step-00000004.pt", "phema-0.1500-step-00000004.pt"]
+    # The tracked length at the last snapshot is that snapshot: the same weights, so the same FID as the snapshot.
+    direct = evaluate.main(EvalConfig(ckpt=str(copy / "phema" / "snapshots" / "snapshot-00000004-0.0500.pt"),
+                                      ref=str(shards), n=8, batch_size=8, steps=2, features="standin", device="cpu",
+                                      cache_dir=str(tmp_path / "c"), metrics="fid", out=str(tmp_path / "e.json")))
+    assert direct["fid"] == pytest.approx(sweep["rows"][0]["fid"], rel=1e-3)
+    # Again: the reconstructions and the images are reused, the numbers the same.
+    capsys.readouterr()
+    evaluate.cli(argv)
+    out = capsys.readouterr()
+    assert out.out.count("reused: ") + out.err.count("reused: ") == 3
+    assert json.loads((copy / "eval.json").read_text())["phema_sweep"]["rows"] == sweep["rows"]
+    # --phema-step 2: the snapshots up to step 2, and the classic EMA of step 2.
+    evaluate.cli([*argv, "--phema-step", "2", "--phema-sweep", "0.05,0.1"])
+    sweep2 = json.loads((copy / "eval.json").read_text())["phema_sweep"]
+    assert sweep2["step"] == 2 and sweep2["classic_ema"]["step"] == 2 and len(sweep2["rows"]) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--phema-sweep", "0.05:0.2"], "expected START:STOP:COUNT"),
+    (["--phema-sweep", "0.2:0.05:3"], "COUNT >= 1 values from START < STOP"),
+    (["--phema-sweep", "0.05,0.4"], "--phema-sweep 0.4: out of range"),
+    (["--phema-sweep", "0.05,0.1", "--metrics", "fid,attrs", "--judge", "j.pt"], "--phema-sweep scores FID/KID"),
+    (["--phema-sweep", "0.05,0.1", "--phema-step", "3"], "--step 3: no snapshot at that step"),
+])
+def test_phema_sweep_errors(run: Path, shards: Path, tmp_path: Path, extra: list[str], message: str):
+    copy = with_snapshots(run, tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(["--ckpt", str(copy), "--ref", str(shards), "--features", "standin", "--device", "cpu", *extra])
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_phema_sweep_needs_snapshots_and_a_run_folder(run: Path, shards: Path):
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(["--ckpt", str(run), "--ref", str(shards), "--phema-sweep", "0.05,0.1", "--features", "standin"])
+    assert "no post-hoc EMA snapshots (train with --phema" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(["--ckpt", str(run / "checkpoints" / "step-00000004.pt"), "--ref", str(shards),
+                      "--phema-sweep", "0.05,0.1", "--features", "standin"])
+    assert "must be the run folder" in str(e.value.code)
