@@ -306,6 +306,9 @@ class PowerEMA:
                         "model": self.averaged_state_dict(i, model, DTYPES[dtype]), **(meta or {})}
             path = folder / snapshot_name(step, sigma_rel)
             paths.append(atomic_write(path, lambda f, obj=snapshot: torch.save(obj, f)))
+        from utills import remove_stale_temporaries  # noqa: PLC0415 (utills imports this module)
+
+        remove_stale_temporaries(folder, ".snapshot-*.pt.tmp-*")  # left by a start killed mid-write
         return paths
 
     def state_dict(self) -> dict:

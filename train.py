@@ -244,7 +244,9 @@ def check_out(cfg: TrainConfig, given: Collection[str]) -> None:
         raise ConfigError(f"--out {cfg.out}: {file_above} is a file, not a folder")
     if run.config.exists() and not is_train_config(run.config):
         raise ConfigError(f"--out {cfg.out}: its config.json is not one of train.py's; give a new or empty folder")
-    if out.is_dir() and not run.config.exists() and not run.checkpoints.is_dir() and any(out.iterdir()):
+    # (RUN/.lock alone is what a start refused after taking the lock leaves: the folder is still new)
+    if out.is_dir() and not run.config.exists() and not run.checkpoints.is_dir() and \
+            any(p != run.lock for p in out.iterdir()):
         raise ConfigError(f"--out {cfg.out}: not a run folder (no config.json or checkpoints/ of train.py) and not "
                           f"empty; give a new or empty folder")
     file = getattr(given, "file", None)
@@ -695,6 +697,9 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         if ckpt is not None:
             check_same_run(cfg, given, ckpt["config"])
             cfg, changes = merge_resumed_config(cfg, ckpt["config"], given)
+            if cfg.phema and ckpt.get("phema") is None:  # before config.json is written: the run's stays as it was
+                raise ConfigError(f"--phema {cfg.phema}: the run in {run.root} was started without it, and the "
+                                  f"profiles must average every step from the first; start a new --out to track them")
             log.say(f"[bold green]resuming[/] from {ckpt_path} (step {ckpt['step']})")
             for change in changes:
                 log.say(f"  changed since the checkpoint: {change}")
@@ -736,9 +741,6 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         state = TrainState(model, EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup), optimizer, scaler, scheduler)
         # Post-hoc EMA profiles (rank 0 alone: every rank holds the same weights, and rank 0 writes the files).
-        if cfg.phema and ckpt is not None and ckpt.get("phema") is None:
-            raise ConfigError(f"--phema {cfg.phema}: the run in {run.root} was started without it, and the profiles "
-                              f"must average every step from the first; start a new --out to track them")
         if cfg.phema and ranks.is_main:
             state.phema = PowerEMA(model, parse_sigma_rels(cfg.phema, "--phema"))
             log.say(phema_plan(state.phema, model, cfg, total_steps, run))

@@ -206,6 +206,9 @@ def roll_back(run: RunPaths, step: int) -> Path | None:
     best_later = run.best_fid.is_file() and load_checkpoint(run.best_fid)["step"] > step
     snapshots = sorted(p for p in run.phema_snapshots.glob("snapshot-*.pt")
                        if int(p.name.split("-")[1]) > step) if run.phema_snapshots.is_dir() else []
+    # ema.py's reconstructions at later steps (phema-SIGMA-step-STEP.pt and their exports) came from those snapshots.
+    snapshots += sorted(p for p in run.phema.glob("phema-*-step-*.*")
+                        if int(p.stem.rsplit("-", 1)[1]) > step) if run.phema.is_dir() else []
     if not (later or grids or records or best_later or snapshots):
         return None
     aside = run.rolled_back / f"after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -221,9 +224,10 @@ def roll_back(run: RunPaths, step: int) -> Path | None:
         for p in grids:
             os.replace(p, aside / "samples" / p.name)
     if snapshots:  # post-hoc EMA snapshots of the abandoned steps: the resumed profiles will write their own
-        (aside / "phema-snapshots").mkdir()
         for p in snapshots:
-            os.replace(p, aside / "phema-snapshots" / p.name)
+            folder = aside / "phema" / p.parent.relative_to(run.phema)
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(p, folder / p.name)
     fsync_dir(aside)
     return aside
 

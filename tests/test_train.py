@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -381,6 +382,25 @@ def test_fid_during_training_with_the_real_network_and_resume(shards: Path, tmp_
     events.Reload()
     assert [e.step for e in events.Scalars("eval/fid")] == [2, 4, 6]
     assert [e.step for e in events.Scalars("eval/kid")] == [2, 4, 6]
+
+    # --patience 1 to step 12: the run stops at the first evaluation that does not beat the best FID so far (worked
+    # out here from the FIDs it logs, whichever step that is), with a final checkpoint, and a rerun trains nothing.
+    train.main(_cfg(shards, out, steps=12, patience=1, **kw))
+    records = read_metrics(out / "metrics.jsonl")
+    fids = [(r["step"], r["fid"]) for r in records if "fid" in r]
+    best, expected, stopped = math.inf, 12, False
+    for step, value in fids:
+        if step > 6 and value >= best:
+            expected, stopped = step, True
+            break
+        best = min(best, value)
+    assert records[-1]["step"] == expected and fids[-1][0] == expected
+    final = load_checkpoint(out / "checkpoints" / f"step-{expected:08d}.pt")
+    assert final["evals_since_best"] == int(stopped) and final["best_fid"] == best
+    if stopped:  # the same command again says so and trains nothing
+        train.main(_cfg(shards, out, steps=12, patience=1, **kw))
+        assert read_metrics(out / "metrics.jsonl")[-1]["step"] == expected
+        assert [p.name for p in list_checkpoints(out)] == [f"step-{expected:08d}.pt"]
 
 
 # ------------------------------------------------------------------------------------------------- multi-process
