@@ -383,24 +383,38 @@ def test_fid_during_training_with_the_real_network_and_resume(shards: Path, tmp_
     assert [e.step for e in events.Scalars("eval/fid")] == [2, 4, 6]
     assert [e.step for e in events.Scalars("eval/kid")] == [2, 4, 6]
 
-    # --patience 1 to step 12: the run stops at the first evaluation that does not beat the best FID so far (worked
-    # out here from the FIDs it logs, whichever step that is), with a final checkpoint, and a rerun trains nothing.
+    # --patience 1 to step 12: the run stops at the first evaluation that does not beat the best FID so far (the
+    # evaluations of steps 2-6 count too: if step 6's was not better, the start itself says the run has stopped),
+    # worked out here from the FIDs it logs, with a final checkpoint; a rerun trains nothing.
     train.main(_cfg(shards, out, steps=12, patience=1, **kw))
     records = read_metrics(out / "metrics.jsonl")
     fids = [(r["step"], r["fid"]) for r in records if "fid" in r]
-    best, expected, stopped = math.inf, 12, False
+    best, since, expected, stopped = math.inf, 0, 12, False
     for step, value in fids:
-        if step > 6 and value >= best:
+        best, since = (value, 0) if value < best else (best, since + 1)
+        if step >= 6 and since >= 1:
             expected, stopped = step, True
             break
-        best = min(best, value)
     assert records[-1]["step"] == expected and fids[-1][0] == expected
     final = load_checkpoint(out / "checkpoints" / f"step-{expected:08d}.pt")
-    assert final["evals_since_best"] == int(stopped) and final["best_fid"] == best
+    assert final["evals_since_best"] == since and final["best_fid"] == best
     if stopped:  # the same command again says so and trains nothing
         train.main(_cfg(shards, out, steps=12, patience=1, **kw))
         assert read_metrics(out / "metrics.jsonl")[-1]["step"] == expected
         assert [p.name for p in list_checkpoints(out)] == [f"step-{expected:08d}.pt"]
+        # A larger --patience trains on, and stops in the loop when the count reaches it (or runs to the end).
+        patience = since + 1
+        train.main(_cfg(shards, out, steps=12, patience=patience, **kw))
+        records = read_metrics(out / "metrics.jsonl")
+        fids = [(r["step"], r["fid"]) for r in records if "fid" in r]
+        stop = 12
+        for step, value in fids[len([f for f in fids if f[0] <= expected]):]:
+            best, since = (value, 0) if value < best else (best, since + 1)
+            if since >= patience:
+                stop = step
+                break
+        assert records[-1]["step"] == stop > expected
+        assert load_checkpoint(out / "checkpoints" / f"step-{stop:08d}.pt")["evals_since_best"] == since
 
 
 # ------------------------------------------------------------------------------------------------- multi-process
