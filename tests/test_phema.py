@@ -554,3 +554,19 @@ def test_a_run_out_of_patience_does_not_train_on(phema_run: Path, shards: Path, 
     assert sorted(p.name for p in out.rglob("*.pt")) == before
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["status"] == "done" and status["step"] == 8 and "no better FID in 2" in status["early_stop"]
+
+
+# ------------------------------------------------------------------------------------------------------- bench
+
+def test_bench_phema_dtype_reports_fp16_against_fp32(phema_run: Path, tmp_path: Path):
+    """bench/phema_dtype.py on the fp32 run: one row per length, fp16's weight difference of the order of fp16's
+    rounding (its relative RMS, times at most the summed |coefficient|), and a JSON report."""
+    from bench import phema_dtype as bench
+    report = bench.main(bench.DtypeConfig(run=str(phema_run), sigma_rel="0.05,0.08", n=4, steps=2,
+                                          json=str(tmp_path / "r.json")))
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == report["rows"]
+    rounding = report["snapshot_fp16_rounding"]["relative_rms"]
+    assert 0 < rounding < 1e-3
+    for row in report["rows"]:
+        assert 0 < row["weights_relative_rms_diff"] <= 2 * rounding * row["sum_abs_coefficient"]
+        assert 0 <= row["pixels_mean_abs_diff_fp16_vs_fp32"] < 255
