@@ -4,6 +4,7 @@
     for batch in loader:             # one epoch; iterate again for the next, in a new order
         x = batch["image"]           # [B, 3, S, S] in [-1, 1], dtype, on device
         a = batch["attr"]            # [B, A] int64 0/1, A = len(loader.attributes) (when the shards have them)
+        e = batch["embed"]           # [B, E] float32 reference embeddings (make_loader(..., embeddings=""), embed.py)
     ckpt["data_state"] = loader.state_dict()          # plain values: weights_only-safe, one for all ranks
     make_loader("shards", 256, state=ckpt["data_state"])  # continues with exactly the samples that came next
 
@@ -21,6 +22,10 @@ evaluation readers).
   number), then DALI decodes them on the GPU ("mixed") or the CPU, mirrors and normalises to CHW.
 - "torch": DataLoader workers do the same reads and decode with webdataset's PIL image handler. The same samples
   give the same pixels as DALI's CPU decoder to within 1-2/255.
+
+Embeddings (embed.py): row i of the split's embed-NAME-SPLIT.npy belongs to sample i, so a batch's rows are read by
+the same sample numbers as its images, in the same reader (DALI's workers or DataLoader's), and follow the same exact,
+resumable order. The embedding of a mirrored image is its unmirrored face's (a face's identity does not flip).
 """
 from __future__ import annotations
 
@@ -136,8 +141,9 @@ class SampleIndex:
 
     Sample i is the i-th of the split in manifest order. Picklable (DALI's workers and DataLoader's get a copy)."""
 
-    def __init__(self, data_dir: Path, shards: list[dict], fmt: str, num_attrs: int):
+    def __init__(self, data_dir: Path, shards: list[dict], fmt: str, num_attrs: int, embed_path: str = ""):
         self.fmt, self.num_attrs = fmt, num_attrs
+        self.embed_path, self._embed = embed_path, None  # the split's embeddings (.npy), memory-mapped per process
         self.tars, tar_ids, offsets, lengths, img, attr, keys = [], [], [], [], [], [], []
         for shard in shards:
             idx_path = data_dir / shard["idx"]
@@ -171,7 +177,21 @@ class SampleIndex:
         return len(self.keys)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fds": {}, "_pid": -1}  # file descriptors stay with their process
+        # File descriptors and the memory map stay with their process (a pickled memmap would copy the array).
+        return {**self.__dict__, "_fds": {}, "_pid": -1, "_embed": None}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embeddings().shape[1]) if self.embed_path else 0
+
+    def embeddings(self) -> np.ndarray:
+        if self._embed is None:
+            self._embed = np.load(self.embed_path, mmap_mode="r")
+        return self._embed
+
+    def embedding_rows(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), E] float32: the embeddings of samples `ids` (a copy, in the order given)."""
+        return np.asarray(self.embeddings()[np.asarray(ids, np.int64)], np.float32)
 
     def read(self, i: int) -> tuple[bytes, int, str]:
         """Sample i's bytes (image and attributes), with its tar's index and path; ShardReadError when cut short."""
@@ -298,7 +318,8 @@ STATE_KEYS = ("order", "split", "seed", "shuffle", "flip", "num_samples", "where
 class Loader:
     """One epoch per iteration, this rank's part of each global batch; see the module docstring.
 
-    Attributes: image_size (S), attributes (names, [] without), num_samples (N: samples per epoch over all ranks),
+    Attributes: image_size (S), attributes (names, [] without), embeddings (the set's name, "" without), embed_dim,
+    embedding (the set's manifest entry, {} without), num_samples (N: samples per epoch over all ranks),
     batch_size (this rank's), global_batch, drop_last, device, dtype, backend, where, epoch (the epoch the current or
     next iteration belongs to), samples (position in it). Iterating again after a partial iteration continues the same
     epoch where it stopped (one iteration at a time). len(): global batches of a whole epoch.
@@ -308,7 +329,8 @@ class Loader:
 
     def __init__(self, data_dir: Path, manifest: dict, shards: list[dict], batch_size: int, *, split: str,
                  device: torch.device, shuffle: bool, flip: bool, seed: int, rank: int, world_size: int,
-                 dtype: torch.dtype, drop_last: bool, num_threads: int | None, where: str):
+                 dtype: torch.dtype, drop_last: bool, num_threads: int | None, where: str,
+                 embeddings: str | None = None, verify: bool = False):
         self.data_dir, self.shards, self.split, self.where = data_dir, shards, split, where
         self.image_size = int(manifest["size"])
         self.format = manifest["format"]
@@ -316,7 +338,17 @@ class Loader:
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.shuffle, self.flip, self.seed, self.drop_last = shuffle, flip, seed, drop_last
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
-        self.index = SampleIndex(data_dir, shards, self.format, len(self.attributes))
+        self.embeddings, self.embedding, embed_path = "", {}, ""
+        if embeddings is not None:
+            from embed import EmbedError, check_split, choose_set
+
+            try:
+                self.embeddings, self.embedding = choose_set(manifest, embeddings, str(data_dir / MANIFEST))
+                embed_path = str(check_split(data_dir, manifest, self.embeddings, self.embedding, split, verify))
+            except EmbedError as e:
+                raise DataError(str(e)) from None
+        self.index = SampleIndex(data_dir, shards, self.format, len(self.attributes), embed_path)
+        self.embed_dim = self.index.embed_dim
         ids = select(self.index, where, self.attributes, data_dir / MANIFEST, split)
         self.order = Order(ids, seed=seed, shuffle=shuffle, flip=flip, batch_size=batch_size, rank=rank,
                            world_size=world_size, drop_last=drop_last)
@@ -507,7 +539,7 @@ class DaliSource:
             if ix.num_attrs:
                 attrs[j] = ix.attributes(data, i)
         out = [images, lengths.astype(np.int32).reshape(-1, 1), flips.astype(np.int32)]
-        return out + ([attrs] if ix.num_attrs else [])
+        return out + ([attrs] if ix.num_attrs else []) + ([ix.embedding_rows(ids)] if ix.embed_path else [])
 
 
 class DaliLoader(Loader):
@@ -536,10 +568,11 @@ class DaliLoader(Loader):
                         py_start_method="spawn" if spawn else "fork")
         with pipe:
             source = DaliSource(self.index, self.order, self._epoch, self._samples)
-            n_out = 4 if self.attributes else 3
-            padded, lengths, flips, *attrs = fn.external_source(
-                source=source, batch=True, batch_info=True, parallel=True, num_outputs=n_out,
-                prefetch_queue_depth=PREFETCH, dtype=[types.UINT8, types.INT32, types.INT32, types.INT8][:n_out])
+            dtypes = [types.UINT8, types.INT32, types.INT32] + ([types.INT8] if self.attributes else []) + \
+                ([types.FLOAT] if self.embed_dim else [])
+            padded, lengths, flips, *extra = fn.external_source(
+                source=source, batch=True, batch_info=True, parallel=True, num_outputs=len(dtypes),
+                prefetch_queue_depth=PREFETCH, dtype=dtypes)
             encoded = fn.slice(padded, start=[0], shape=lengths, axes=[0])  # each row cut to its image's bytes
             if gpu:
                 images = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
@@ -551,9 +584,9 @@ class DaliLoader(Loader):
             images = fn.crop_mirror_normalize(images, dtype=native.get(self.dtype, types.FLOAT), output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=flips)
             outputs, self._names = [images], ["image"]
-            if self.attributes:
-                outputs.append(attrs[0].gpu() if gpu else attrs[0])
-                self._names.append("attr")
+            for name, node in zip(["attr"] * bool(self.attributes) + ["embed"] * bool(self.embed_dim), extra):
+                outputs.append(node.gpu() if gpu else node)
+                self._names.append(name)
             pipe.set_outputs(*outputs)
         if not spawn:
             # Workers are about to be forked: collect garbage first. A DALI pipeline left to the collector and
@@ -613,6 +646,8 @@ class DaliLoader(Loader):
             batch = {"image": out["image"] if out["image"].dtype == self.dtype else out["image"].to(self.dtype)}
             if "attr" in out:
                 batch["attr"] = out["attr"].long()
+            if "embed" in out:
+                batch["embed"] = out["embed"].float()
             yield batch
 
 
@@ -650,6 +685,8 @@ class _BatchReader(torch.utils.data.Dataset):
         batch = {"image": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))}
         if ix.num_attrs:
             batch["attr"] = torch.from_numpy(attrs)
+        if ix.embed_path:
+            batch["embed"] = torch.from_numpy(ix.embedding_rows(samples))
         return batch
 
 
@@ -749,6 +786,8 @@ class TorchLoader(Loader):
             batch = {"image": image.float().sub_(127.5).div_(127.5).to(self.dtype)}
             if "attr" in out:
                 batch["attr"] = out["attr"].to(self.device, non_blocking=True).long()
+            if "embed" in out:
+                batch["embed"] = out["embed"].to(self.device, non_blocking=True)
             yield batch
 
 
@@ -759,7 +798,7 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
                 device: str | torch.device = "cuda", shuffle: bool = True, flip: bool = True, seed: int = 0,
                 rank: int = 0, world_size: int = 1, dtype: torch.dtype = torch.float32, drop_last: bool = False,
                 num_threads: int | None = None, state: dict | None = None, verify: bool = False,
-                where: str = "") -> Loader:
+                where: str = "", embeddings: str | None = None) -> Loader:
     """A Loader over the shards in `data_dir` (see the module docstring).
 
     batch_size: this rank's samples per batch; a global batch is world_size x batch_size.
@@ -768,6 +807,8 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
     state: a state_dict() of a loader over the same samples with the same seed (any backend, batch size or number
     of ranks): continue where it was taken.
     where: "NAME=0|1,...": only the samples whose attributes match.
+    embeddings: deliver each sample's reference embedding as batch["embed"] from the set of that name ("": the only
+    set; None: none), checked against the manifest (size and shards always, sha256 with verify).
     """
     if backend not in ("dali", "torch"):
         raise DataError(f"data: backend must be 'dali' or 'torch', not {backend!r}")
@@ -787,4 +828,5 @@ def make_loader(data_dir: str | Path, batch_size: int, *, split: str = "train", 
     cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(data_dir, manifest, shards, batch_size, split=split, device=_resolve_device(device),
                shuffle=shuffle, flip=flip, seed=seed, rank=rank, world_size=world_size, dtype=dtype,
-               drop_last=drop_last, num_threads=num_threads, state=state, where=where)
+               drop_last=drop_last, num_threads=num_threads, state=state, where=where, embeddings=embeddings,
+               verify=verify)

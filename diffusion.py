@@ -358,9 +358,11 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------------------------------------- loss
 
     def draws(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
-              cond_dim: int = 0, p_uncond: float = 0.0, p_free: float = 0.0) -> Draws:
+              cond_dim: int = 0, p_uncond: float = 0.0, p_free: float = 0.0, free_dim: int | None = None) -> Draws:
         """The random inputs of a training batch of `shape` [B, C, H, W], in one fixed order from `generator`: t,
         the noise, then (with cond_dim) the unconditional rows (p_uncond) and the free attributes (p_free).
+        free_dim: how many of the cond_dim columns are attributes that can be left free (default all); the others (a
+        reference embedding and its flag, unet.py) are only dropped with their row.
 
         train.py draws them for the whole global batch from a generator seeded by (seed, step) and each rank keeps its
         rows, so a step's randomness is the same on any number of ranks (and micro-batches)."""
@@ -374,12 +376,12 @@ class GaussianDiffusion(nn.Module):
         if cond_dim and p_free > 0:  # drawn only when asked, so that two-state runs keep their noise stream
             some = _rand((b, 1), generator, device) < p_free
             rate = _rand((b, 1), generator, device)
-            free = some & (_rand((b, cond_dim), generator, device) < rate)
+            free = some & (_rand((b, cond_dim if free_dim is None else free_dim), generator, device) < rate)
         return Draws(t, noise, drop, free)
 
     def loss(self, model: Model, x0: torch.Tensor, cond: torch.Tensor | None = None, p_uncond: float = 0.0,
-             generator: torch.Generator | None = None, p_free: float = 0.0, draws: Draws | None = None
-             ) -> torch.Tensor:
+             generator: torch.Generator | None = None, p_free: float = 0.0, draws: Draws | None = None,
+             free_dim: int | None = None) -> torch.Tensor:
         """Mean over the batch of the (min-SNR weighted) MSE between model output and target at uniform t.
 
         x0: [B, C, H, W] data in [-1, 1]; cond: optional [B, D] 0/1 attributes, each row replaced by -1 (null, all
@@ -388,18 +390,21 @@ class GaussianDiffusion(nn.Module):
         a rate r ~ U(0, 1) and each attribute is then unknown with probability r, independently, so every number of
         known attributes (0..D) is equally likely and "Eyeglasses=1, the rest free" is a case the model has seen.
         draws: the batch's random inputs drawn beforehand (self.draws(...), sliced); then generator, p_uncond and
-        p_free are not used. The model call runs under the caller's autocast; the target and the squared error in
-        float32.
+        p_free are not used. free_dim: the attributes among cond's columns (see draws). The model call runs under the
+        caller's autocast; the target and the squared error in float32.
         """
         device = x0.device
         if draws is None:
             draws = self.draws(tuple(x0.shape), generator, device, cond.shape[1] if cond is not None else 0,
-                               p_uncond, p_free)
+                               p_uncond, p_free, free_dim)
         t, noise = draws.t, draws.noise
         if cond is not None and draws.drop is not None:
             cond = torch.where(draws.drop[:, None], torch.full_like(cond, -1), cond)
         if cond is not None and draws.free is not None:
-            cond = torch.where(draws.free, torch.full_like(cond, -1), cond)
+            free = draws.free
+            if free.shape[1] < cond.shape[1]:  # the reference embedding after the attributes is never left free
+                free = F.pad(free, (0, cond.shape[1] - free.shape[1]), value=False)
+            cond = torch.where(free, torch.full_like(cond, -1), cond)
         xt = self.q_sample(x0, t, noise)
         output = model(xt, t, cond=cond)
         with _no_autocast(device):

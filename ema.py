@@ -476,7 +476,7 @@ def reconstruct(run: str | os.PathLike, sigma_rels: Sequence[float], step: int |
         log(f"warning: condition number {p.condition_number:.3g} > {COND_WARN:.0e}: the coefficients may have lost "
             f"precision in the float64 solve (snapshots too close in time and sigma_rel?)")
     first = torch.load(p.snapshots[-1].path, map_location="cpu", weights_only=True, mmap=True)
-    meta = {k: first[k] for k in ("model_config", "diffusion_config", "image_size", "attributes", "config",
+    meta = {k: first[k] for k in ("model_config", "diffusion_config", "image_size", "attributes", "embedding", "config",
                                   "versions") if k in first}
     folder = Path(out) if out else paths.phema
     sources = [{"file": s.path.name, "step": s.step, "images_seen": s.images_seen, "sigma_rel": s.sigma_rel}

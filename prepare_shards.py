@@ -72,6 +72,8 @@ IDX_VERSION = "v1.2"  # DALI tools/wds2idx.py: "v1.2 <samples>", then per sample
 PARTIAL = "manifest.partial.json"  # the record of an unfinished run (the shards done so far), removed at the end
 OWN_FILE = re.compile(rf"^(?:(?:train|valid|test)-\d{{6}}\.(?:tar|idx)|{re.escape(MANIFEST)}|{re.escape(PARTIAL)})"
                       r"(?:\.tmp)?$")
+# What the project's other tools write into a shards folder (judge.py, embed.py): neither ours to remove nor foreign.
+COMPANION_FILE = re.compile(r"^(?:judge\.(?:pt|json)|embed-.+\.(?:npy|npy\.partial|partial\.json))$")
 REASON_CHARS = 160  # the longest error text in a "skipped" entry's reason
 # Arguments that change the bytes written; a rerun with others equal may reuse shards.
 CONTENT_ARGS = ("size", "crop", "format", "quality", "samples_per_shard", "split", "seed")
@@ -614,7 +616,7 @@ def previous_entries(out: Path, identity: dict, plan: Plan, overwrite: bool) -> 
     if not out.is_dir():
         raise PrepareError(f"{out}: exists and is not a folder")
     names = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in names if not OWN_FILE.match(n)]
+    foreign = [n for n in names if not OWN_FILE.match(n) and not COMPANION_FILE.match(n)]
     partial, manifest = _load_json(out / PARTIAL), _previous_manifest(out)
     state = partial if (out / PARTIAL).exists() else manifest
     ours = [n for n in names if OWN_FILE.match(n) and not n.endswith(".tmp")]
@@ -878,6 +880,11 @@ def write_manifest(out: Path, manifest: dict) -> None:
     for p in out.iterdir():
         if OWN_FILE.match(p.name) and p.suffix in (".tar", ".idx") and p.name not in listed:
             p.unlink()
+    previous = _previous_manifest(out)
+    if previous is not None and previous.get("embeddings") and "embeddings" not in manifest:
+        # embed.py's sets stay listed: each records the digest of the shards it was made from, so the loaders refuse
+        # those of shards that changed and keep using the others.
+        manifest = {**manifest, "embeddings": previous["embeddings"]}
     data = (json.dumps(manifest, indent=1) + "\n").encode()
     if not (out / MANIFEST).exists() or (out / MANIFEST).read_bytes() != data:
         atomic_write(out / MANIFEST, data, tmp=_tmp(out / MANIFEST))

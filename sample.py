@@ -7,6 +7,8 @@
     python sample.py --ckpt RUN --attrs "Smiling=1,Eyeglasses=1" --guidance 3 --out smiling.png
     python sample.py --ckpt RUN --sweep Eyeglasses,Smiling --n 8 --guidance 3 --out sweep.png  # rows: =0 / free / =1
     python sample.py --ckpt RUN --attrs Wearing_Hat=1 --sweep guidance=1,2,3,5 --out hats.png  # rows: guidance scales
+    python sample.py --ckpt RUN --like face.jpg --like face2.png --n 8 --guidance 3   # faces like these (--cond-embed)
+    python sample.py --ckpt RUN --like-key 000123 --sweep guidance=1,2,4 --n 8       # a face of the shards, 3 rows
     python pictures.py --progress-gif RUN                          # progress GIF and loss curve: now in pictures.py
     python sample.py --ckpt RUN --export model.safetensors         # EMA weights + configs in the metadata
 
@@ -29,9 +31,18 @@ guidance, null + w * (cond - null) with null = every attribute free, so it pushe
 Checkpoints from before free attributes (two-state models, no "cond_free" in their model config) load and sample as
 they always did: an attribute left out is 0 (absent), and no --attrs is the learned null embedding.
 
+Faces like a reference (models trained with --cond-embed). `--like FILE` (repeat it, or give FILE,FILE) crops and
+resizes each reference as the shards were (their crop, size and encoding, recorded in the checkpoint), embeds it with
+the encoder named in the checkpoint (its weights checked by sha256; --encoder gives another path to the same
+weights), and the grid gets one row per reference: the reference first, then --n faces. `--like-key KEY` takes the
+shard image of that sample key (from --data, default the run's shards). --guidance w > 1 contrasts the reference
+(and any --attrs) with the null embedding: null + w * (cond - null). With --outdir, image i follows reference
+i mod R. Without --like, such a model samples unconditionally (its learned null embedding).
+
 Sweep grid (`--sweep`): the same starting noise in every column, one row per setting: "Eyeglasses,Smiling" gives rows
 Eyeglasses=0, free, =1 then Smiling=0, free, =1 (on top of --attrs; no "free" row for two-state models);
-"guidance=1,3,5" gives one row per guidance scale with --attrs. Each row is labelled on the left.
+"guidance=1,3,5" gives one row per guidance scale with --attrs (or --like: the rows of each reference in turn, each
+starting with the reference). Each row is labelled on the left.
 
 Checks. What cannot work is one line naming the flag, before any sampling: an attribute named twice in --attrs, more
 --steps than the model has, a grid (--n, a --sweep, a --trajectory) or a batch (--batch-size) whose images cannot fit
@@ -103,6 +114,10 @@ class SampleConfig:
     trajectory: str = ""  # PNG strip: a few samples from noise to face (predicted x0 at several steps)
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
+    like: str = ""  # --cond-embed models: reference face file(s), FILE[,FILE...] or --like repeated: one row each
+    like_key: str = ""  # reference face(s) by sample key in the shards (--data), KEY[,KEY...] or repeated
+    data: str = ""  # shards folder for --like-key (default: the one the model was trained on)
+    encoder: str = ""  # the reference encoder's weights, when no longer where the checkpoint says (checked by sha256)
 
     CHOICES: ClassVar[dict] = {"sampler": diffusion.SAMPLERS, "precision": tuple(PRECISIONS),
                                "variance": ("fixed_small", "fixed_large"), "spacing": ("auto",) + diffusion.SPACINGS,
@@ -153,6 +168,9 @@ def check_model_settings(cfg: SampleConfig, loaded: LoadedModel) -> None:
                           ) from None
     parse_attrs(cfg.attrs, loaded)
     rows = len(sweep_rows(cfg, loaded)) if cfg.sweep else 0
+    references = len(split_list(cfg.like)) + len(split_list(cfg.like_key))
+    if references:  # a grid row per reference (per sweep row and reference with --sweep)
+        rows = max(rows, 1) * references
     device = next(loaded.model.parameters()).device
     gpu_free = None
     if device.type == "cuda":  # what the driver has free, plus what PyTorch's cache holds unused
@@ -193,8 +211,8 @@ def check_memory(cfg: SampleConfig, image_size: int, channels: int, sweep_rows: 
     checks = [("--batch-size", cfg.batch_size, f"a batch of {batch:,} {px} images", batch * batch_bytes,
                "use a smaller --batch-size", gpu_free is not None)]
     in_ram = 0 if gpu_free is not None else batch * batch_bytes
-    if cfg.out and cfg.sweep:
-        checks.append(("--n", cfg.n, f"a --sweep grid of {sweep_rows} rows of {cfg.n:,} {px} images",
+    if cfg.out and sweep_rows:
+        checks.append(("--n", cfg.n, f"a {'--sweep ' if cfg.sweep else ''}grid of {sweep_rows} rows of {cfg.n:,} {px} images",
                        sweep_rows * cfg.n * grid_bytes + in_ram, "use a smaller --n", False))
     elif cfg.out:
         checks.append(("--n", cfg.n, f"a grid of {cfg.n:,} {px} images", cfg.n * grid_bytes + in_ram,
@@ -234,6 +252,74 @@ def parse_attrs(spec: str, loaded: LoadedModel) -> torch.Tensor | None:
     return vec
 
 
+def conditioning(loaded: LoadedModel, cfg: SampleConfig, ref: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The [cond_width] conditioning vector of these settings: the attributes (parse_attrs), then for a model with a
+    reference embedding the embedding `ref` [E] and its flag (1; -1 and a null embedding without a reference, see
+    unet.py). None when nothing is given (unconditional)."""
+    attrs = parse_attrs(cfg.attrs, loaded)
+    if not loaded.embed_dim:
+        if ref is not None:
+            raise SampleError(f"{loaded.source}: the model was not trained with --cond-embed; drop --like")
+        return attrs
+    if attrs is None and ref is None:
+        return None
+    if attrs is None and loaded.conditional:
+        attrs = torch.full((int(loaded.model_config["cond_dim"]),), -1.0 if loaded.free_attributes else 0.0)
+    e = ref.float().reshape(-1) if ref is not None else torch.full((loaded.embed_dim,), -1.0)
+    if e.numel() != loaded.embed_dim:
+        raise SampleError(f"{loaded.source}: a reference embedding of {e.numel()} values for a model of "
+                          f"{loaded.embed_dim}")
+    flag = torch.ones(1) if ref is not None else -torch.ones(1)
+    return torch.cat([v for v in (attrs, e, flag) if v is not None])
+
+
+def split_list(spec: str) -> list[str]:
+    """"a.jpg, b.png" -> ["a.jpg", "b.png"] (what --like and --like-key take)."""
+    return [item.strip() for item in spec.split(",") if item.strip()]
+
+
+@dataclass
+class References:
+    """The reference faces of --like / --like-key: shard-style images [R, C, S, S] in [-1, 1], their embeddings
+    [R, E], and a short label each."""
+    images: torch.Tensor
+    embeddings: torch.Tensor
+    labels: list[str]
+
+
+def load_references(loaded: LoadedModel, cfg: SampleConfig, device: torch.device | str = "cpu") -> References | None:
+    """Prepare and embed the references of cfg (None without --like/--like-key); one line for what cannot work."""
+    files, keys = split_list(cfg.like), split_list(cfg.like_key)
+    if not files and not keys:
+        return None
+    if not loaded.embed_dim or not loaded.embedding:
+        raise SampleError(f"{loaded.source}: the model was not trained with --cond-embed (no reference embedding); "
+                          f"drop --like/--like-key")
+    import embed
+
+    record = loaded.embedding
+    data = cfg.data or record.get("data", "")
+    images, labels = [], []
+    try:
+        for f in files:
+            images.append(embed.prepare_reference(f, record["shards"]))
+            labels.append(Path(f).stem[:14])
+        for key in keys:
+            if not data or not Path(data).is_dir():
+                raise SampleError(f"--like-key {key}: the shards folder {data!r} is not there; give it with --data")
+            image, split, _ = embed.shard_image(data, key)
+            if image.shape[-1] != loaded.image_size:
+                raise SampleError(f"--like-key {key}: {data} holds {image.shape[-1]} px images, the model "
+                                  f"{loaded.image_size} px; give the run's shards with --data")
+            images.append(image)
+            labels.append(key[:14])
+        encoder = embed.encoder_for(record, cfg.encoder, data if data and Path(data).is_dir() else None, device)
+    except embed.EmbedError as e:
+        raise SampleError(str(e)) from None
+    batch = torch.stack(images)
+    return References(batch, encoder(batch), labels)
+
+
 def attr_values(spec: str) -> dict[str, str]:
     """"Smiling=1, Eyeglasses=0" -> {"Smiling": "1", "Eyeglasses": "0"}, checked without the model: each item NAME=0
     or NAME=1, each name once (Smiling=1,Smiling=0 asks for both), at least one name in a spec that is not blank."""
@@ -265,8 +351,9 @@ def sweep_rows(cfg: SampleConfig, loaded: LoadedModel) -> list[tuple[str, Sample
             raise SampleError(f"--sweep: guidance scales must be numbers >= 0, got {spec!r}")
         if scales != [1.0] * len(scales):
             parse_attrs(cfg.attrs, loaded)
-            if not cfg.attrs.strip():
-                raise SampleError("--sweep guidance=...: name the attributes to guide towards with --attrs")
+            if not cfg.attrs.strip() and not (cfg.like.strip() or cfg.like_key.strip()):
+                raise SampleError("--sweep guidance=...: name the attributes to guide towards with --attrs (or a "
+                                  "reference face with --like)")
         return [(f"w={w:g}", dataclasses.replace(cfg, guidance=w)) for w in scales]
     if not loaded.conditional:
         raise SampleError(f"{loaded.source}: the model has no conditioning; --sweep over attributes needs one")
@@ -288,18 +375,40 @@ def sweep_rows(cfg: SampleConfig, loaded: LoadedModel) -> list[tuple[str, Sample
     return rows
 
 
-def sweep_grid(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike) -> Path:
-    """One labelled row of cfg.n images per sweep setting; column j starts from image j's noise in every row."""
+def sweep_grid(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike, refs: References | None = None
+               ) -> Path:
+    """One labelled row of cfg.n images per sweep setting; column j starts from image j's noise in every row.
+
+    With references: the sweep's rows for each reference in turn, each row starting with its reference."""
     rows = sweep_rows(cfg, loaded)
+    plan = [(label, row, None) for label, row in rows] if refs is None else \
+        [(f"{refs.labels[r]} {label}", row, r) for r in range(len(refs.labels)) for label, row in rows]
     pictures = []
     with progress_bar() as bar:
-        task = bar.add_task(f"sweep {cfg.sweep}", total=len(rows) * cfg.n)
-        for _, row in rows:
+        task = bar.add_task(f"sweep {cfg.sweep}", total=len(plan) * cfg.n)
+        for _, row, r in plan:
+            if r is not None:
+                pictures.append(refs.images[r:r + 1].clamp(-1, 1))
             for start, count in batches(cfg.n, cfg.batch_size):
-                pictures.append(sample_images(loaded, row, start, count))
+                pictures.append(sample_images(loaded, row, start, count, ref=None if r is None else refs.embeddings[r]))
                 bar.advance(task, count)
     with os_errors_as_write_error(path):
-        return save_grid(torch.cat(pictures), path, nrow=cfg.n, padding=2, labels=[label for label, _ in rows])
+        return save_grid(torch.cat(pictures), path, nrow=cfg.n + (refs is not None), padding=2,
+                         labels=[label for label, _, _ in plan])
+
+
+def like_grid(loaded: LoadedModel, cfg: SampleConfig, refs: References, path: str | os.PathLike) -> Path:
+    """One row per reference: the reference, then cfg.n faces like it (column j from image j's noise in each row)."""
+    pictures = []
+    with progress_bar() as bar:
+        task = bar.add_task(f"like {len(refs.labels)} reference(s)", total=len(refs.labels) * cfg.n)
+        for r in range(len(refs.labels)):
+            pictures.append(refs.images[r:r + 1].clamp(-1, 1))
+            for start, count in batches(cfg.n, cfg.batch_size):
+                pictures.append(sample_images(loaded, cfg, start, count, ref=refs.embeddings[r]))
+                bar.advance(task, count)
+    with os_errors_as_write_error(path):
+        return save_grid(torch.cat(pictures), path, nrow=cfg.n + 1, padding=2, labels=refs.labels)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -321,18 +430,23 @@ def initial_noise(seed: int, start: int, count: int, shape: tuple[int, int, int]
 
 
 def sample_images(loaded: LoadedModel, cfg: SampleConfig, start: int, count: int,
-                  return_trajectory: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+                  return_trajectory: bool = False, ref: torch.Tensor | None = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Images start..start+count-1 of the run `cfg.seed` -> [count, C, H, W] float32 in [-1, 1] on the CPU.
 
-    With return_trajectory, also the predicted x0 [count, C, H, W] at about 8 evenly spaced steps.
+    With return_trajectory, also the predicted x0 [count, C, H, W] at about 8 evenly spaced steps. ref: a reference
+    embedding [E] for every image, or [count, E], one per image (--cond-embed models).
     """
     device = next(loaded.model.parameters()).device
     s = loaded.image_size
     noise = initial_noise(cfg.seed, start, count, (loaded.channels, s, s))
     step_gen = torch.Generator().manual_seed(batch_seed(cfg.seed, start))
-    cond = parse_attrs(cfg.attrs, loaded)
-    if cond is not None:
-        cond = cond.expand(count, -1).to(device)
+    if ref is not None and ref.ndim == 2:
+        cond = torch.stack([conditioning(loaded, cfg, r) for r in ref]).to(device)
+    else:
+        cond = conditioning(loaded, cfg, ref)
+        if cond is not None:
+            cond = cond.expand(count, -1).to(device)
     with torch.inference_mode(), autocast(device, cfg.precision):
         out = loaded.diffusion.sample(loaded.model, tuple(noise.shape), sampler=cfg.sampler, steps=cfg.steps,
                                       eta=cfg.eta, generator=step_gen, cond=cond, guidance=cfg.guidance,
@@ -354,14 +468,23 @@ def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(batch_size, n - start)) for start in range(0, n, batch_size)]
 
 
-def sample_n(loaded: LoadedModel, cfg: SampleConfig, n: int | None = None) -> torch.Tensor:
-    """Images 0..n-1 -> [n, C, H, W] in [-1, 1] (CPU), batch by batch with a progress bar."""
+def reference_rows(refs: References | None, start: int, count: int) -> torch.Tensor | None:
+    """The embeddings of images start..start+count-1 when image i follows reference i mod R ([count, E])."""
+    if refs is None:
+        return None
+    return refs.embeddings[torch.arange(start, start + count) % refs.embeddings.shape[0]]
+
+
+def sample_n(loaded: LoadedModel, cfg: SampleConfig, n: int | None = None, refs: References | None = None
+             ) -> torch.Tensor:
+    """Images 0..n-1 -> [n, C, H, W] in [-1, 1] (CPU), batch by batch with a progress bar (image i like reference
+    i mod R when refs are given)."""
     n = cfg.n if n is None else n
     out = []
     with progress_bar() as bar:
         task = bar.add_task(f"sampling {cfg.sampler}-{cfg.steps}", total=n)
         for start, count in batches(n, cfg.batch_size):
-            out.append(sample_images(loaded, cfg, start, count))
+            out.append(sample_images(loaded, cfg, start, count, ref=reference_rows(refs, start, count)))
             bar.advance(task, count)
     return torch.cat(out)
 
@@ -371,7 +494,7 @@ def grid_columns(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
-def outdir_settings(loaded: LoadedModel, cfg: SampleConfig) -> dict:
+def outdir_settings(loaded: LoadedModel, cfg: SampleConfig, refs: References | None = None) -> dict:
     """What decides the pixels of an --outdir; a folder is only added to with the same values."""
     settings = {
         "weights_sha256": weights_digest(loaded.model),
@@ -394,6 +517,10 @@ def outdir_settings(loaded: LoadedModel, cfg: SampleConfig) -> dict:
         settings["clip"] = False
     if cfg.sampler == "ddpm" or (cfg.sampler == "ddim" and cfg.eta > 0):  # per-step noise is drawn per batch
         settings["batch_size"] = cfg.batch_size
+    if refs is not None:  # the references themselves: a digest of their embeddings, in order
+        import hashlib
+
+        settings["like"] = hashlib.sha256(refs.embeddings.float().numpy().tobytes()).hexdigest()
     return settings
 
 
@@ -404,7 +531,8 @@ def existing_images(outdir: Path, n: int) -> set[int]:
     return {i for p in outdir.iterdir() if (m := IMAGE_RE.match(p.name)) and (i := int(m.group(1))) < n}
 
 
-def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLike, n: int | None = None) -> int:
+def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLike, n: int | None = None,
+                 refs: References | None = None) -> int:
     """Make images 0..n-1 as outdir/NNNNNN.png, keeping those already there; returns how many were made now.
 
     A batch whose images all exist is skipped; a partly written one is made again and only its missing files are
@@ -413,7 +541,7 @@ def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLi
     """
     n = cfg.n if n is None else n
     outdir = Path(outdir)
-    settings = outdir_settings(loaded, cfg)
+    settings = outdir_settings(loaded, cfg, refs)
     settings_path = outdir / SETTINGS_FILE
     if settings_path.exists():
         try:
@@ -440,7 +568,7 @@ def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLi
     with progress_bar() as bar:
         task = bar.add_task(f"{outdir.name}: {cfg.sampler}-{cfg.steps}", total=n, completed=n - sum(c for _, c in todo))
         for start, count in todo:
-            pictures = to_uint8(sample_images(loaded, cfg, start, count))
+            pictures = to_uint8(sample_images(loaded, cfg, start, count, ref=reference_rows(refs, start, count)))
             for k, picture in enumerate(pictures):
                 if start + k not in have:
                     with os_errors_as_write_error(outdir / f"{start + k:06d}.png"):
@@ -450,12 +578,13 @@ def write_outdir(loaded: LoadedModel, cfg: SampleConfig, outdir: str | os.PathLi
     return made
 
 
-def trajectory_strip(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike) -> Path:
+def trajectory_strip(loaded: LoadedModel, cfg: SampleConfig, path: str | os.PathLike,
+                     refs: References | None = None) -> Path:
     """A [rows x 9] picture: x_T, then the predicted x0 at ~8 evenly spaced steps (the last is the sample)."""
     rows = min(cfg.trajectory_rows, cfg.batch_size)
     s = loaded.image_size
     noise = initial_noise(cfg.seed, 0, rows, (loaded.channels, s, s))
-    _, traj = sample_images(loaded, cfg, 0, rows, return_trajectory=True)
+    _, traj = sample_images(loaded, cfg, 0, rows, return_trajectory=True, ref=reference_rows(refs, 0, rows))
     columns = [noise.clamp(-1, 1)] + traj
     strip = torch.stack(columns, dim=1).reshape(rows * len(columns), *noise.shape[1:])  # row-major: one row per image
     with os_errors_as_write_error(path):
@@ -480,26 +609,49 @@ def main(cfg: SampleConfig) -> list[Path]:
     check_model_settings(cfg, loaded)
     if cfg.sweep and not cfg.out:
         raise SampleError("--sweep writes its grid to --out; give one")
+    refs = load_references(loaded, cfg, device)
+    if refs is not None:
+        console.print(f"references: {', '.join(refs.labels)} (encoder {loaded.embedding['encoder']['name']})")
 
     if cfg.export:
         with os_errors_as_write_error(cfg.export):
             wrote.append(export_safetensors(loaded, cfg.export))
     if cfg.out and cfg.sweep:
-        wrote.append(sweep_grid(loaded, cfg, cfg.out))
+        wrote.append(sweep_grid(loaded, cfg, cfg.out, refs))
+    elif cfg.out and refs is not None:
+        wrote.append(like_grid(loaded, cfg, refs, cfg.out))
     elif cfg.out:
         images = sample_n(loaded, cfg)
         with os_errors_as_write_error(cfg.out):
             wrote.append(save_grid(images, cfg.out, nrow=grid_columns(cfg.n), padding=2))
         del images  # not held through --outdir and --trajectory (check_memory counts each part alone)
     if cfg.outdir:
-        made = write_outdir(loaded, cfg, cfg.outdir)
+        made = write_outdir(loaded, cfg, cfg.outdir, refs=refs)
         console.print(f"{cfg.outdir}: made {made} images, {cfg.n - made} were already there")
         wrote.append(Path(cfg.outdir))
     if cfg.trajectory:
-        wrote.append(trajectory_strip(loaded, cfg, cfg.trajectory))
+        wrote.append(trajectory_strip(loaded, cfg, cfg.trajectory, refs))
     for p in wrote:
         console.print(f"wrote {p}")
     return wrote
+
+
+def merge_repeated(args: list[str], flags: tuple[str, ...]) -> list[str]:
+    """["--like", "a.jpg", "--like=b.png"] -> ["--like", "a.jpg,b.png"]: a repeated list flag keeps every value (the
+    parser alone would keep the last)."""
+    values: dict[str, list[str]] = {}
+    rest, i = [], 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name in flags and (eq or i + 1 < len(args)):
+            values.setdefault(name, []).append(value if eq else args[i + 1])
+            i += 1 if eq else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    for name, vals in values.items():
+        rest += [name, ",".join(vals)]
+    return rest
 
 
 PICTURE_FLAGS = ("--progress-gif", "--noising")  # moved to pictures.py; the old command lines are forwarded there
@@ -512,7 +664,7 @@ def cli(argv: list[str] | None = None) -> None:
 
         return pictures.cli(args)
     with config.user_errors():
-        main(config.parse(SampleConfig, args)[0])
+        main(config.parse(SampleConfig, merge_repeated(args, ("--like", "--like-key")))[0])
 
 
 if __name__ == "__main__":

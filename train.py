@@ -123,13 +123,15 @@ class TrainConfig:
     base_channels: int = 0  # override the preset's base width (0 = the preset's)
     dropout: float = -1.0  # override the preset's dropout (negative = the preset's)
     cond: bool = False  # condition on the manifest's attributes (classifier-free guidance)
+    cond_embed: bool = False  # condition on each face's reference embedding (embed.py; sample.py --like)
+    embeddings: str = ""  # with --cond-embed: the manifest's embedding set ("" = the only one)
     scale_shift_norm: bool = False  # the embedding scales and shifts each block's second norm (AdaGN) instead of adding
     timesteps: int = 1000  # diffusion steps T
     schedule: str = "linear"  # noise schedule: linear | cosine
     objective: str = "eps"  # what the UNet predicts: eps | v | x0
     # Optimisation.
     min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (0 = off, 5 is usual)
-    p_uncond: float = 0.1  # with --cond: probability of training a row unconditionally (every attribute free)
+    p_uncond: float = 0.1  # with --cond/--cond-embed: probability of a row trained unconditionally (all dropped)
     p_free: float = 0.8  # with --cond: probability that a row leaves a random subset of its attributes free
     batch_size: int = 128  # images per step, summed over all ranks
     accum: int = 1  # micro-batches per rank and step (gradients accumulated): the same step in less memory
@@ -193,7 +195,8 @@ class Diverged(config.UserError, FloatingPointError):
 
 
 # Fields that define the model and the diffusion: taken from the checkpoint on resume, and a clash is an error.
-ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "scale_shift_norm", "timesteps", "schedule", "objective")
+ARCH_FIELDS = ("preset", "base_channels", "dropout", "cond", "cond_embed", "embeddings", "scale_shift_norm",
+               "timesteps", "schedule", "objective")
 # Fields fixed for a run's life in the same way: the post-hoc EMA profiles average every step from the first.
 RUN_FIXED_FIELDS = ("phema",)
 
@@ -417,6 +420,7 @@ def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, log: Ru
                     "number of ranks it would move to the global order")
             return loader
     args["where"] = cfg.where
+    args["embeddings"] = cfg.embeddings if cfg.cond_embed else None
     try:
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args, state=data_state)
     except DataError as e:
@@ -427,7 +431,20 @@ def open_loader(cfg: TrainConfig, ranks: Ranks, data_state: dict | None, log: Ru
         loader = make_loader(cfg.data, cfg.batch_size // ranks.world_size, **args)
     if cfg.cond and not loader.attributes:
         raise ConfigError(f"--cond: {cfg.data}/manifest.json lists no attributes")
+    if cfg.embeddings and not cfg.cond_embed:
+        raise ConfigError(f"--embeddings {cfg.embeddings}: it names the embeddings of --cond-embed; add --cond-embed")
     return loader
+
+
+def embedding_record(cfg: TrainConfig, loader: Any) -> dict | None:
+    """What a checkpoint keeps of the reference embeddings, so that sample.py --like embeds a new face as the
+    training faces were: the set's name, its encoder's identity, and how the shards cropped and sized the faces."""
+    if not cfg.cond_embed:
+        return None
+    manifest = read_manifest(cfg.data)
+    return {"name": loader.embeddings, "encoder": dict(loader.embedding["encoder"]),
+            "shards": {k: manifest.get(k) for k in ("size", "crop", "format", "quality")},
+            "data": os.path.abspath(cfg.data)}
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -437,7 +454,8 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def step_draws(diffusion: GaussianDiffusion, generator: torch.Generator, seed: int, step: int, ranks: Ranks,
-               x0: torch.Tensor, cond: torch.Tensor | None, p_uncond: float, p_free: float):
+               x0: torch.Tensor, cond: torch.Tensor | None, p_uncond: float, p_free: float,
+               free_dim: int | None = None):
     """This rank's rows of the step's random inputs (t, noise, unconditional rows, free attributes), drawn for the
     whole global batch from (seed, step), so that every sample gets the same ones on any number of ranks.
 
@@ -446,7 +464,7 @@ def step_draws(diffusion: GaussianDiffusion, generator: torch.Generator, seed: i
     b = x0.shape[0]
     generator.manual_seed(step_seed(seed, step))
     draws = diffusion.draws((b * ranks.world_size, *x0.shape[1:]), generator, x0.device,
-                            cond.shape[1] if cond is not None else 0, p_uncond, p_free)
+                            cond.shape[1] if cond is not None else 0, p_uncond, p_free, free_dim)
     return draws.rows(slice(ranks.rank * b, (ranks.rank + 1) * b))
 
 
@@ -459,11 +477,14 @@ def saved_world_size(ckpt: dict) -> int | None:
     return None
 
 
-def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes: list[str]) -> UNet:
+def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes: list[str],
+                embedding: dict | None = None) -> UNet:
     """The UNet: the checkpoint's architecture when resuming (checked against the data), else the preset's."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP checks that)
     if ckpt is None:
         overrides = {"image_size": image_size, "cond_dim": len(attributes) if cfg.cond else 0, "cond_free": cfg.cond}
+        if embedding is not None:
+            overrides["embed_dim"] = int(embedding["encoder"]["dim"])
         if cfg.base_channels > 0:
             overrides["base_channels"] = cfg.base_channels
         if cfg.dropout >= 0:
@@ -475,6 +496,13 @@ def build_model(cfg: TrainConfig, ckpt: dict | None, image_size: int, attributes
         raise ConfigError(f"{cfg.data}: images are {image_size} px, the checkpoint's model {ckpt['image_size']} px")
     if cfg.cond and list(ckpt["attributes"]) != list(attributes):
         raise ConfigError(f"{cfg.data}: the attributes differ from the checkpoint's")
+    if embedding is not None:
+        theirs = (ckpt.get("embedding") or {}).get("encoder", {})
+        if theirs.get("sha256") != embedding["encoder"]["sha256"] or theirs.get("dim") != embedding["encoder"]["dim"]:
+            raise ConfigError(f"{cfg.data}: embedding set {embedding['name']!r} was made with "
+                              f"{embedding['encoder']['name']} (sha256 {embedding['encoder']['sha256'][:12]}...), the "
+                              f"checkpoint's model with {theirs.get('name')} (sha256 {str(theirs.get('sha256'))[:12]}"
+                              f"...); embed the shards with the run's encoder")
     return UNet(**ckpt["model_config"])
 
 
@@ -636,7 +664,8 @@ class Checkpointer:
         return {"config": stored_config(self.cfg), "model_config": dict(model.config),
                 "diffusion_config": dict(self.diffusion.config),
                 "image_size": self.loader.image_size, "versions": versions(),
-                "attributes": list(self.loader.attributes) if self.cfg.cond else []}
+                "attributes": list(self.loader.attributes) if self.cfg.cond else [],
+                "embedding": embedding_record(self.cfg, self.loader)}
 
     def legacy_rng(self) -> dict:
         return {"noise": self.noise_gen.get_state()} if self.noise_gen is not None else {}
@@ -658,7 +687,8 @@ class Checkpointer:
         if ranks.is_main:
             ckpt = make_checkpoint(state, config=stored_config(self.cfg), diffusion_config=self.diffusion.config,
                                    image_size=self.loader.image_size, data_state=data_state, rngs=rngs,
-                                   attributes=list(self.loader.attributes) if self.cfg.cond else [])
+                                   attributes=list(self.loader.attributes) if self.cfg.cond else [],
+                                   embedding=embedding_record(self.cfg, self.loader))
             if not all_finite([*ckpt["model"].values(), *ckpt["ema"]["shadow_params"]]):
                 raise Diverged(f"step {state.step}: the weights are not finite; not writing a checkpoint "
                                f"over {self.last or 'the previous ones'}")
@@ -715,7 +745,8 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
         loader = open_loader(cfg, ranks, data_state, log)
         watch = ShardWatch(loader)
         total_steps = cfg.steps if cfg.steps > 0 else cfg.epochs * len(loader)
-        model = build_model(cfg, ckpt, loader.image_size, loader.attributes).to(device)
+        embedding = embedding_record(cfg, loader)
+        model = build_model(cfg, ckpt, loader.image_size, loader.attributes, embedding).to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         diffusion = GaussianDiffusion(timesteps=cfg.timesteps, schedule=cfg.schedule, objective=cfg.objective,
@@ -824,12 +855,15 @@ def main(cfg: TrainConfig, given: Collection[str] = ()) -> Path | None:
             if cfg.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             cond = batch["attr"].float() if cfg.cond else None
+            if cfg.cond_embed:  # [attributes | embedding | 1 = given] (unet.py); dropped rows become all -1
+                e = batch["embed"].float()
+                cond = torch.cat([c for c in (cond, e, e.new_ones(e.shape[0], 1)) if c is not None], dim=1)
 
             # One step: loss under autocast, scaled backward, clipping, the update, the schedule and the EMA.
             lr = optimizer.param_groups[0]["lr"]
-            p_uncond = cfg.p_uncond if cfg.cond else 0.0
+            p_uncond = cfg.p_uncond if cfg.cond or cfg.cond_embed else 0.0
             draws = None if legacy else step_draws(diffusion, noise_gen, cfg.seed, state.step, ranks, x0, cond,
-                                                   p_uncond=p_uncond, p_free=p_free)
+                                                   p_uncond=p_uncond, p_free=p_free, free_dim=model.cond_dim)
             loss, grad_norm = train_step(net, state, diffusion, x0, amp=amp, draws=draws, generator=noise_gen,
                                          cond=cond, p_uncond=p_uncond, p_free=p_free, grad_clip=cfg.grad_clip,
                                          accum=cfg.accum, poison=nan_fault(state.step + 1))

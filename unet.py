@@ -15,6 +15,12 @@ unconditional model that classifier-free guidance contrasts with. With `cond_fre
 earlier versions, kept so their checkpoints load) entries are 0/1 and only a row of all -1 is special: a learned
 null embedding. `cond=None` means all unknown / null for every row. With `cond_dim=0` there is no conditioning path
 and `cond` is accepted and ignored.
+
+Reference-face conditioning (`embed_dim = E > 0`, train.py --cond-embed): a frozen encoder's embedding of a face
+(embed.py) rides in the same vector, after the attributes: cond = [attributes (cond_dim) | embedding (E) | flag],
+width cond_dim + E + 1. The embedding is layer-normalised (encoders differ in scale), goes through an MLP and is added
+to the timestep embedding like the attributes; a flag <= 0 replaces it with a learned null vector. So a row of all -1
+is still "nothing given", and classifier-free guidance contrasts the reference (and the attributes) with it.
 """
 
 from __future__ import annotations
@@ -177,7 +183,8 @@ class UNet(nn.Module):
     that get self-attention after each res block; num_heads: attention heads; dropout: in every res block;
     cond_dim: length of the attribute vector (0: unconditional); cond_free: three-state attributes (1 / 0 / -1 free)
     instead of the older 0/1 vector with a null row; use_scale_shift_norm: the embedding scales and shifts the second
-    norm instead of being added (improved-diffusion); num_groups: GroupNorm groups.
+    norm instead of being added (improved-diffusion); num_groups: GroupNorm groups; embed_dim: length of the reference
+    embedding that follows the attributes in `cond` (0: none; see the module's text).
     """
 
     def __init__(
@@ -194,6 +201,7 @@ class UNet(nn.Module):
         cond_free: bool = False,
         use_scale_shift_norm: bool = False,
         num_groups: int = 32,
+        embed_dim: int = 0,
     ):
         super().__init__()
         # Lists rather than tuples so the config survives a JSON round trip unchanged.
@@ -205,6 +213,8 @@ class UNet(nn.Module):
         )
         if cond_free:  # only written when set, so that a two-state model's config (and checkpoint) reads as before
             self.config["cond_free"] = True
+        if embed_dim:  # likewise: configs of models without a reference embedding read as before
+            self.config["embed_dim"] = int(embed_dim)
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
             raise ConfigError(f"unet: image_size {image_size} is not divisible by 2^{levels - 1} for {levels} levels")
@@ -214,6 +224,8 @@ class UNet(nn.Module):
         self.image_size = image_size
         self.cond_dim = cond_dim
         self.cond_free = bool(cond_free) and cond_dim > 0
+        self.embed_dim = int(embed_dim)
+        self.cond_width = cond_dim + (self.embed_dim + 1 if self.embed_dim else 0)  # the width `cond` must have
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
 
@@ -232,6 +244,11 @@ class UNet(nn.Module):
         elif cond_dim > 0:
             self.cond_proj = nn.Linear(cond_dim, emb_dim)
             self.null_emb = nn.Parameter(torch.zeros(emb_dim))
+        if self.embed_dim:
+            # No affine in the norm: the first Linear does that; the norm only puts every encoder on one scale.
+            self.embed_mlp = nn.Sequential(nn.LayerNorm(self.embed_dim, elementwise_affine=False),
+                                           nn.Linear(self.embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.embed_null = nn.Parameter(torch.zeros(emb_dim))  # "no reference": learnt with --p-uncond
 
         self.stem = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
@@ -275,25 +292,36 @@ class UNet(nn.Module):
                                  zero_module(nn.Conv2d(ch, in_channels, 3, padding=1)))
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Timestep (+ attribute) embedding. t: [B] ints, cond: [B, cond_dim] (1 / 0 / -1, see above) -> [B, 4*ch]."""
+        """Timestep (+ attributes, + reference) embedding. t: [B] ints, cond: [B, cond_width] (above) -> [B, 4*ch]."""
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
-        if self.cond_dim == 0:
+        if self.cond_width == 0:
             return emb
         if cond is None:
-            cond = torch.full((t.shape[0], self.cond_dim), -1.0, device=emb.device)
-        elif cond.shape != (t.shape[0], self.cond_dim):
-            raise ValueError(f"unet: cond has shape {tuple(cond.shape)}, expected ({t.shape[0]}, {self.cond_dim})")
+            cond = torch.full((t.shape[0], self.cond_width), -1.0, device=emb.device)
+        elif cond.shape != (t.shape[0], self.cond_width):
+            raise ValueError(f"unet: cond has shape {tuple(cond.shape)}, expected ({t.shape[0]}, {self.cond_width})")
+        if self.embed_dim:
+            ref, given = cond[:, self.cond_dim:-1], cond[:, -1:] > 0
+            r = self.embed_mlp(ref.float())
+            emb = emb + torch.where(given, r, self.embed_null.to(r.dtype).expand_as(r))
+            if self.cond_dim == 0:
+                return emb
+            cond = cond[:, :self.cond_dim]
+        return emb + self._attributes(cond)
+
+    def _attributes(self, cond: torch.Tensor) -> torch.Tensor:
+        """The attributes' part of the embedding; cond: [B, cond_dim]."""
         if self.cond_free:
             w = self.cond_mlp[0].weight
             states = torch.cat([cond > 0.5, (cond > -0.5) & (cond < 0.5)], dim=1).to(w.dtype)  # [yes | no]; -1: both 0
-            return emb + self.cond_mlp(states)
+            return self.cond_mlp(states)
         cond = cond.to(self.cond_proj.weight.dtype)
         is_null = (cond < 0).all(dim=1, keepdim=True)
         c = self.cond_proj(cond.clamp(min=0))
-        return emb + torch.where(is_null, self.null_emb.to(c.dtype).expand_as(c), c)
+        return torch.where(is_null, self.null_emb.to(c.dtype).expand_as(c), c)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, C, H, W], t: [B] integer timesteps in 0..T-1, cond: optional [B, cond_dim] -> [B, C, H, W]."""
+        """x: [B, C, H, W], t: [B] integer timesteps in 0..T-1, cond: optional [B, cond_width] -> [B, C, H, W]."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.embed(t, cond)

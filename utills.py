@@ -580,13 +580,13 @@ class Resumed:
 
 def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, image_size: int,
                     attributes: list[str], data_state: dict | None = None,
-                    rngs: list[dict] | None = None) -> dict:
+                    rngs: list[dict] | None = None, embedding: dict | None = None) -> dict:
     """The checkpoint dict: the one place its keys are written (restore_checkpoint, below, reads them back).
 
     data_state: the loader's position (one for all ranks); rngs: every rank's random states, in rank order (train.py
     gathers them); None leaves them out (a checkpoint that can be sampled but not resumed exactly). Only tensors and
     plain values: weights_only-loadable. A format 1 run going on in its per-rank order passes data_state packed per
-    rank (pack_ranks).
+    rank (pack_ranks). embedding: a --cond-embed run's record of its reference embeddings (train.embedding_record).
     """
     return {
         "format_version": FORMAT_VERSION,
@@ -609,6 +609,7 @@ def make_checkpoint(state: TrainState, *, config: dict, diffusion_config: dict, 
         "diffusion_config": dict(diffusion_config),
         "image_size": int(image_size),
         "attributes": list(attributes),
+        "embedding": embedding,
         "versions": versions(),
     }
 
@@ -659,6 +660,7 @@ class LoadedModel:
     weights: str  # "ema", "raw", or "phema0.0800" (a post-hoc EMA file of that sigma_rel)
     model_config: dict
     diffusion_config: dict
+    embedding: dict | None = None  # a --cond-embed model's record of its embeddings (encoder, shards); else None
 
     @property
     def image_size(self) -> int:
@@ -671,6 +673,11 @@ class LoadedModel:
     @property
     def conditional(self) -> bool:
         return int(self.model_config.get("cond_dim", 0) or 0) > 0
+
+    @property
+    def embed_dim(self) -> int:
+        """Length of the reference embedding the model takes (0: none)."""
+        return int(self.model_config.get("embed_dim", 0) or 0)
 
     @property
     def free_attributes(self) -> bool:
@@ -702,7 +709,8 @@ def load_model(ckpt: str | os.PathLike, use_ema: bool = True, device: torch.devi
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model.to(device).eval(), diffusion.to(device), list(ckpt_dict.get("attributes") or []), path,
-                       int(ckpt_dict.get("step", -1)), weights, model_config, diffusion_config)
+                       int(ckpt_dict.get("step", -1)), weights, model_config, diffusion_config,
+                       ckpt_dict.get("embedding"))
 
 
 def _build(path: Path, model_config: Any, diffusion_config: Any) -> tuple[UNet, GaussianDiffusion]:
@@ -738,6 +746,7 @@ def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> 
         attributes, step = json.loads(meta.get("attributes", "[]")), int(meta.get("step", -1))
         if not isinstance(attributes, list) or not all(isinstance(a, str) for a in attributes):
             raise ValueError("attributes is not a list of names")
+        embedding = json.loads(meta.get("embedding", "null"))
     except ValueError as e:
         raise CheckpointError(f"{path}: unreadable metadata ({str(e).splitlines()[0][:200]})") from None
     model, diffusion = _build(path, model_config, diffusion_config)
@@ -746,7 +755,7 @@ def _load_safetensors(path: Path, use_ema: bool, device: torch.device | str) -> 
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit model_config ({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model.to(device).eval(), diffusion.to(device), attributes, path, step, weights, model_config,
-                  diffusion_config)
+                       diffusion_config, embedding)
 
 
 def export_safetensors(loaded: LoadedModel, path: str | os.PathLike) -> Path:
@@ -758,6 +767,7 @@ def export_safetensors(loaded: LoadedModel, path: str | os.PathLike) -> Path:
         "model_config": json.dumps(loaded.model_config),
         "diffusion_config": json.dumps(loaded.diffusion_config),
         "attributes": json.dumps(loaded.attributes),
+        "embedding": json.dumps(loaded.embedding),
         "step": str(loaded.step),
         "weights": loaded.weights,
         "source": str(loaded.source),
