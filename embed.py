@@ -344,8 +344,9 @@ def prepare_reference(path: str | Path, shards: dict) -> torch.Tensor:
 
 
 def shard_image(data_dir: str | Path, key: str) -> tuple[torch.Tensor, str, int]:
-    """The shard image with sample key `key` (valid split first, then test, then train) -> ([3, S, S] in [-1, 1],
-    split, its sample number in the split). One line when no split has it."""
+    """The shard image with sample key `key` (valid split first, then test, then train), or "SPLIT:I" (sample I of
+    that split, in manifest order) -> ([3, S, S] in [-1, 1], split, its sample number in the split). One line when no
+    split has it."""
     import webdataset.autodecode
 
     from data import SampleIndex, _check_shards
@@ -354,11 +355,16 @@ def shard_image(data_dir: str | Path, key: str) -> tuple[torch.Tensor, str, int]
     manifest = read_manifest(data_dir)
     splits = [s for s in ("valid", "test", "train") if s in manifest["splits"]]
     splits += [s for s in manifest["splits"] if s not in splits]
+    by_number = re.fullmatch(r"(\w+):(\d+)", key)
+    if by_number and by_number.group(1) in manifest["splits"]:
+        splits = [by_number.group(1)]
     for split in splits:
         index = SampleIndex(data_dir, _check_shards(data_dir, manifest, split, False), manifest["format"],
                             len(manifest.get("attributes") or []))
-        if key in index.keys:
-            i = index.keys.index(key)
+        if by_number and by_number.group(1) == split and int(by_number.group(2)) >= len(index):
+            raise EmbedError(f"{data_dir / MANIFEST}: --like-key {key}: split {split!r} has {len(index)} samples")
+        if key in index.keys or (by_number and by_number.group(1) == split):
+            i = index.keys.index(key) if key in index.keys else int(by_number.group(2))
             data, _, _ = index.read(i)
             img = webdataset.autodecode.imagehandler("rgb8")(manifest["format"], bytes(index.image_bytes(data, i)))
             return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1, split, i

@@ -8,7 +8,7 @@
     python sample.py --ckpt RUN --sweep Eyeglasses,Smiling --n 8 --guidance 3 --out sweep.png  # rows: =0 / free / =1
     python sample.py --ckpt RUN --attrs Wearing_Hat=1 --sweep guidance=1,2,3,5 --out hats.png  # rows: guidance scales
     python sample.py --ckpt RUN --like face.jpg --like face2.png --n 8 --guidance 3   # faces like these (--cond-embed)
-    python sample.py --ckpt RUN --like-key 000123 --sweep guidance=1,2,4 --n 8       # a face of the shards, 3 rows
+    python sample.py --ckpt RUN --like-key valid:0 --sweep guidance=1,2,4 --n 8      # a face of the shards, 3 rows
     python pictures.py --progress-gif RUN                          # progress GIF and loss curve: now in pictures.py
     python sample.py --ckpt RUN --export model.safetensors         # EMA weights + configs in the metadata
 
@@ -35,7 +35,8 @@ Faces like a reference (models trained with --cond-embed). `--like FILE` (repeat
 resizes each reference as the shards were (their crop, size and encoding, recorded in the checkpoint), embeds it with
 the encoder named in the checkpoint (its weights checked by sha256; --encoder gives another path to the same
 weights), and the grid gets one row per reference: the reference first, then --n faces. `--like-key KEY` takes the
-shard image of that sample key (from --data, default the run's shards). --guidance w > 1 contrasts the reference
+shard image of that sample key (a source file's stem, e.g. 182640) or `SPLIT:I` (valid:0, the first face of the
+valid split), from --data (default the run's shards). --guidance w > 1 contrasts the reference
 (and any --attrs) with the null embedding: null + w * (cond - null). With --outdir, image i follows reference
 i mod R. Without --like, such a model samples unconditionally (its learned null embedding).
 
@@ -115,7 +116,7 @@ class SampleConfig:
     trajectory_rows: int = 4  # samples in the --trajectory strip
     export: str = ""  # write the weights (EMA unless --no-ema) and configs to this .safetensors file
     like: str = ""  # --cond-embed models: reference face file(s), FILE[,FILE...] or --like repeated: one row each
-    like_key: str = ""  # reference face(s) by sample key in the shards (--data), KEY[,KEY...] or repeated
+    like_key: str = ""  # reference face(s) of the shards (--data): a sample key or SPLIT:I (valid:0), comma-separated
     data: str = ""  # shards folder for --like-key (default: the one the model was trained on)
     encoder: str = ""  # the reference encoder's weights, when no longer where the checkpoint says (checked by sha256)
 
@@ -212,7 +213,8 @@ def check_memory(cfg: SampleConfig, image_size: int, channels: int, sweep_rows: 
                "use a smaller --batch-size", gpu_free is not None)]
     in_ram = 0 if gpu_free is not None else batch * batch_bytes
     if cfg.out and sweep_rows:
-        checks.append(("--n", cfg.n, f"a {'--sweep ' if cfg.sweep else ''}grid of {sweep_rows} rows of {cfg.n:,} {px} images",
+        kind = "a --sweep grid" if cfg.sweep else "a grid"
+        checks.append(("--n", cfg.n, f"{kind} of {sweep_rows} rows of {cfg.n:,} {px} images",
                        sweep_rows * cfg.n * grid_bytes + in_ram, "use a smaller --n", False))
     elif cfg.out:
         checks.append(("--n", cfg.n, f"a grid of {cfg.n:,} {px} images", cfg.n * grid_bytes + in_ram,

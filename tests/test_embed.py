@@ -421,3 +421,14 @@ def test_repeated_like_flags_are_all_kept():
                                  ("--like", "--like-key"))
     cfg, _ = config.parse(sample.SampleConfig, args)
     assert sample.split_list(cfg.like) == ["a.jpg", "b.png"] and cfg.like_key == "k1" and cfg.n == 3
+
+
+def test_like_key_by_split_and_number(eshards: Path):
+    keys = [line.split()[3].split(".")[0] for line in
+            (eshards / read_manifest(eshards)["splits"]["valid"]["shards"][0]["idx"]).read_text().splitlines()[1:]]
+    by_key, split, i = embed.shard_image(eshards, keys[2])
+    by_number, split2, i2 = embed.shard_image(eshards, "valid:2")
+    assert (split, i) == (split2, i2) == ("valid", 2) and torch.equal(by_key, by_number)
+    np.testing.assert_allclose(by_number.numpy(), images_of(eshards, "valid")[2].numpy(), atol=1e-6)
+    with pytest.raises(embed.EmbedError, match="split 'valid' has 20 samples"):
+        embed.shard_image(eshards, "valid:20")
