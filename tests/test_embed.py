@@ -311,10 +311,10 @@ def test_free_attributes_never_free_the_embedding():
 
 @pytest.fixture(scope="module")
 def embed_run(eshards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-step --cond --cond-embed run with checkpoints at 3 and 6."""
+    """A 6-step --cond --cond-embed run with checkpoints at 3 and 6 (and post-hoc EMA snapshots at 3 and 6)."""
     out = tmp_path_factory.mktemp("embed-run") / "run"
     ok(run(["train.py", "--data", str(eshards), "--out", str(out), *FAST, "--steps", "6", "--ckpt-every", "3",
-            "--cond", "--cond-embed", "--keep", "5"]))
+            "--cond", "--cond-embed", "--keep", "5", "--phema", "0.05,0.1", "--phema-every", "3"]))
     return out
 
 
@@ -330,7 +330,7 @@ def test_cond_embed_checkpoint_and_exact_resume(embed_run: Path, eshards: Path, 
     for name in ("step-00000006.pt",):
         (out / "checkpoints" / name).unlink()
     ok(run(["train.py", "--data", str(eshards), "--out", str(out), *FAST, "--steps", "6", "--ckpt-every", "3",
-            "--cond", "--cond-embed", "--keep", "5"]))
+            "--cond", "--cond-embed", "--keep", "5", "--phema", "0.05,0.1", "--phema-every", "3"]))
     a, b = load_checkpoint(out / "checkpoints" / "step-00000006.pt"), ckpt
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -344,7 +344,7 @@ def test_resume_with_another_encoders_embeddings_is_refused(embed_run: Path, esh
     shutil.copytree(embed_run, out)
     embed.main(EmbedConfig(data=str(data), encoder=str(tiny_dinov2), name="judge", splits="train", threads=1))
     line = one_line_error(run(["train.py", "--data", str(data), "--out", str(out), *FAST, "--steps", "9",
-                               "--cond", "--cond-embed", "--keep", "5"]))
+                               "--cond", "--cond-embed", "--keep", "5", "--phema", "0.05,0.1", "--phema-every", "3"]))
     assert "embedding set 'judge' was made with" in line and "embed the shards with the run's encoder" in line
     line = one_line_error(run(["train.py", "--data", str(eshards), "--out", str(tmp_path / "new"), *FAST,
                                "--steps", "2", "--embeddings", "judge"]))
@@ -432,3 +432,17 @@ def test_like_key_by_split_and_number(eshards: Path):
     np.testing.assert_allclose(by_number.numpy(), images_of(eshards, "valid")[2].numpy(), atol=1e-6)
     with pytest.raises(embed.EmbedError, match="split 'valid' has 20 samples"):
         embed.shard_image(eshards, "valid:20")
+
+
+def test_phema_reconstruction_and_export_keep_the_embedding_record(embed_run: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    shutil.copytree(embed_run, out)
+    ok(run(["ema.py", "--run", str(out), "--sigma-rel", "0.08", "--export"]))
+    average = next((out / "phema").glob("phema-0.0800-step-*.pt"))
+    exported = tmp_path / "model.safetensors"
+    ok(run(["sample.py", "--ckpt", str(out), "--export", str(exported), "--device", "cpu"]))
+    for source in (average, average.with_suffix(".safetensors"), exported):
+        loaded = load_model(source)
+        assert loaded.embed_dim > 0 and loaded.embedding == load_model(embed_run).embedding, source
+        ok(run(["sample.py", "--ckpt", str(source), "--like-key", "valid:0", "--n", "2", "--steps", "2",
+                "--device", "cpu", "--out", str(tmp_path / f"{source.suffix[1:]}.png")]))
