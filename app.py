@@ -6,7 +6,10 @@
 The page shows what the checkpoint is (step, images seen, parameters, image size, EMA or not, conditional or not)
 with the run's loss curve and FID history, and offers sample.py's settings: sampler (diffusion.SAMPLERS: DDIM, DDPM,
 DPM-Solver++(2M)), steps, timestep spacing, eta, seed, number of faces, precision, and for a conditional model one
-yes / no / free control per attribute and the guidance scale.
+yes / no / free control per attribute and the guidance scale. For a model trained with --cond-embed, a reference face:
+an uploaded image, or one of the first validation faces of the run's shards (or any sample key): the faces are made
+like it (`sample.py --like FILE` / `--like-key KEY`: prepared and embedded by embed.py's functions, the encoder loaded
+once per model and kept), and the grid's row starts with the reference as sample.py draws it; none is unconditional.
 Generate makes the grid through sample.py's own functions (sample_n, then save_grid to a PNG file: the code path of
 `sample.py --out`), so the page shows the bytes `sample.py` writes for the same settings and seed; the status line
 prints that sample.py command. Each face is also its own PNG (the bytes of `sample.py --outdir`), downloadable from
@@ -14,7 +17,8 @@ the gallery. The checkpoint dropdown lists the run's checkpoints and switches be
 
 Local and offline: no share link, no analytics, no fonts or scripts from outside (system fonts only); the server
 listens on --host (127.0.0.1: this machine only). A request from a page of another site (its Origin header) is refused,
-and so, on 127.0.0.1, is one addressed to another host name (DNS rebinding); uploads are capped (the page takes none).
+and so, on 127.0.0.1, is one addressed to another host name (DNS rebinding); uploads (the reference face) are capped
+at 16 MB.
 A bad checkpoint, a setting the model cannot take or running out of memory is one line on the page, and the server
 keeps running. Ctrl-C or SIGTERM stops it: a Generate under way is abandoned at its next step, and the temporary
 folder of generated PNGs (ddpm-app-PID-*) is removed; the folders of app.py processes that were killed are removed at
@@ -30,6 +34,7 @@ import ipaddress
 import itertools
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -52,7 +57,18 @@ import diffusion
 from atomic import atomic_write
 from config import UserError
 from grids import png_bytes, save_grid, to_uint8
-from sample import SampleConfig, batches, check_config, check_model_settings, grid_columns, sample_n, trajectory_strip
+from sample import (
+    References,
+    SampleConfig,
+    batches,
+    check_config,
+    check_model_settings,
+    grid_columns,
+    sample_images,
+    sample_n,
+    split_list,
+    trajectory_strip,
+)
 from utills import (
     PRECISIONS,
     CheckpointError,
@@ -77,7 +93,8 @@ SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Robo
                 "sans-serif"]  # no Google fonts: the page must load offline
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "Liberation Mono", "monospace"]
 WORKDIR_PREFIX = "ddpm-app-"  # the generated PNGs: TMPDIR/ddpm-app-PID-XXXXXXXX, removed at exit
-MAX_UPLOAD = "1mb"  # Gradio's upload route cannot be turned off, only capped: the page itself takes no uploads
+MAX_UPLOAD = "16mb"  # Gradio's upload route, capped: the page takes one upload, a reference face (a photo)
+REFERENCE_FACES = 24  # the faces of the shards' valid split (else test) offered as references
 
 
 @dataclass
@@ -206,6 +223,9 @@ def describe(loaded: LoadedModel) -> str:
         f"- **{weights_words(loaded.weights)}** weights",
         f"- **{'conditional' if loaded.conditional else 'unconditional'}**"
         + (f" on {len(loaded.attributes)} attributes" if loaded.conditional else ""),
+    ] + ([f"- **reference face**: a {loaded.embed_dim}-value embedding "
+          f"({(loaded.embedding or {}).get('encoder', {}).get('name', 'encoder not recorded')}), `--cond-embed`"]
+         if loaded.embed_dim else []) + [
         f"- diffusion: {dc.get('objective', 'eps')} objective, {dc.get('schedule', 'linear')} schedule, "
         f"{dc.get('timesteps', '?')} timesteps",
     ]
@@ -276,6 +296,8 @@ class CurrentModel:
         self.loaded: LoadedModel | None = None
         self.lock = threading.Lock()
         self.stopping = stopping or threading.Event()  # set when the app stops: a Generate under way gives up
+        self.encoder_key: str | None = None  # the reference encoder (--cond-embed models), kept while models use it
+        self.reference_encoder: Any = None
 
     def get(self, path: str, ema: bool) -> LoadedModel:
         """The model of checkpoint `path` (reloaded when the file changed); CheckpointError for a bad file."""
@@ -295,7 +317,163 @@ class CurrentModel:
             console.print(f"loaded {self.loaded.source} (step {self.loaded.step}, {self.loaded.weights} weights, "
                           f"{self.loaded.image_size} px, "
                           f"{'conditional' if self.loaded.conditional else 'unconditional'}) on {self.device}")
+            if self.encoder_key != encoder_key(self.loaded):  # another encoder, or none: free the old one
+                self.encoder_key, self.reference_encoder = None, None
         return self.loaded
+
+    def encoder(self, loaded: LoadedModel) -> Any:
+        """The embed.Encoder of a --cond-embed model (embed.encoder_for: the one its checkpoint names, its weights
+        checked by sha256), loaded at its first reference and kept for every later one (and for the run's other
+        checkpoints, which name the same). EmbedError when it cannot be loaded."""
+        key = encoder_key(loaded)
+        if key is None:
+            raise AppError(f"{loaded.source.name}: the model was not trained with --cond-embed; it takes no reference "
+                           f"face")
+        if key != self.encoder_key:
+            import embed
+
+            self.encoder_key, self.reference_encoder = None, None
+            data = loaded.embedding.get("data") or ""
+            self.reference_encoder = embed.encoder_for(loaded.embedding, "", data if Path(data).is_dir() else None,
+                                                       self.device)
+            self.encoder_key = key
+            console.print(f"loaded the reference encoder {loaded.embedding['encoder'].get('name')} on {self.device}")
+        return self.reference_encoder
+
+
+def encoder_key(loaded: LoadedModel | None) -> str | None:
+    """What identifies a model's reference encoder (its record's identity and shards folder); None without one."""
+    if loaded is None or not loaded.embed_dim or not isinstance(loaded.embedding, dict):
+        return None
+    import json
+
+    return json.dumps([loaded.embedding.get("encoder"), loaded.embedding.get("data")], sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------ reference faces
+
+def reference_faces(current: CurrentModel, loaded: LoadedModel, files: list[str], keys: list[str]) -> References:
+    """The references of a Generate, as sample.py's load_references makes them (files, then sample keys; one row
+    each): a face file prepared as the shards were (embed.prepare_reference, with the crop, size and encoding the
+    checkpoint records), a key's image from the run's shards (embed.shard_image), embedded by the model's encoder
+    (CurrentModel.encoder: loaded once). One line for what cannot work (not an image, no such key, no shards)."""
+    import embed
+
+    record = loaded.embedding
+    if not loaded.embed_dim or not isinstance(record, dict):
+        raise AppError(f"{loaded.source.name}: the model was not trained with --cond-embed; it takes no reference "
+                       f"face")
+    data = record.get("data") or ""
+    images, labels = [], []
+    for f in files:
+        images.append(reference_image(record, f))
+        labels.append(Path(f).stem[:14])
+    for key in keys:
+        if not data or not Path(data).is_dir():
+            raise AppError(f"reference key {key}: the run's shards folder {data!r} is not here; upload the face "
+                           f"instead")
+        image, _, _ = embed.shard_image(data, key)
+        if image.shape[-1] != loaded.image_size:
+            raise AppError(f"reference key {key}: {data} holds {image.shape[-1]} px images, the model "
+                           f"{loaded.image_size} px")
+        images.append(image)
+        labels.append(key[:14])
+    batch = torch.stack(images)
+    return References(batch, current.encoder(loaded)(batch), labels)
+
+
+def reference_image(record: dict, path: str | os.PathLike) -> torch.Tensor:
+    """A face file as sample.py --like prepares it (embed.prepare_reference with the shards' crop, size and encoding
+    from the checkpoint's record) -> [3, S, S] in [-1, 1]; one line naming the file (by its own name, not its place
+    in Gradio's cache) when it is not an image."""
+    import embed
+
+    try:
+        return embed.prepare_reference(path, record["shards"])
+    except embed.EmbedError as e:  # PIL names the in-memory copy it was given: not worth a line
+        why = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e).removeprefix(f"{Path(path)}: "))
+        raise AppError(f"reference face {Path(path).name}: {why}") from None
+
+
+def like_rows(loaded: LoadedModel, scfg: SampleConfig, refs: References) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pictures of sample.py's like_grid, made as it makes them (one row per reference: the reference, then
+    scfg.n faces like it, column j from image j's noise) -> (the grid's pictures in order, the faces alone)."""
+    pictures, faces = [], []
+    for r in range(len(refs.labels)):
+        pictures.append(refs.images[r:r + 1].clamp(-1, 1))
+        for start, count in batches(scfg.n, scfg.batch_size):
+            faces.append(sample_images(loaded, scfg, start, count, ref=refs.embeddings[r]))
+            pictures.append(faces[-1])
+    return torch.cat(pictures), torch.cat(faces)
+
+
+def reference_split(data: str | os.PathLike) -> str:
+    """The split whose faces the page offers as references: valid, else test (ManifestError without either)."""
+    from manifest import read_manifest
+
+    splits = read_manifest(data)["splits"]
+    for split in ("valid", "test"):
+        if int((splits.get(split) or {}).get("count", 0)) > 0:
+            return split
+    raise AppError(f"{data}: the shards have no valid or test split to pick a reference face from")
+
+
+def shard_faces(data: str | os.PathLike, folder: Path,
+                limit: int = REFERENCE_FACES) -> tuple[str, list[tuple[str, str]]]:
+    """The first `limit` faces of the shards' valid split (else test), for the page to offer as references ->
+    (split, [(picture file, sample key)]). The pictures are the shard images' own bytes, written into `folder`; the
+    face a key gives to Generate is read again by embed.shard_image, as sample.py --like-key reads it."""
+    from data import SampleIndex, _check_shards  # as embed.shard_image reads the shards
+    from manifest import read_manifest
+
+    data = Path(data)
+    split = reference_split(data)
+    manifest = read_manifest(data)
+    index = SampleIndex(data, _check_shards(data, manifest, split, False), manifest["format"],
+                        len(manifest.get("attributes") or []))
+    folder.mkdir(parents=True, exist_ok=True)
+    faces = []
+    for i in range(min(limit, len(index))):
+        key = index.keys[i]
+        offset, length = index.img[i]
+        with open(index.tars[index.tar_ids[i]], "rb") as f:
+            f.seek(int(index.offsets[i]) + int(offset))
+            picture = f.read(int(length))
+        faces.append((str(atomic_write(folder / f"{i:03d}.{manifest['format']}", picture)), key))
+    return split, faces
+
+
+def reference_picker(loaded: LoadedModel | None, workdir: Path) -> tuple[list[tuple[str, str]], str]:
+    """What the page offers to pick for a --cond-embed model: the first REFERENCE_FACES faces of its shards (the
+    record's "data") as [(picture, sample key)] with a line saying where they are from, or [] and why there are none
+    (the shards are not on this machine)."""
+    if encoder_key(loaded) is None:
+        return [], ""
+    data = loaded.embedding.get("data") or ""
+    if not data or not Path(data).is_dir():
+        return [], (f"The run's shards (`{data}`) are not on this machine, so there are no faces of theirs to pick: "
+                    f"upload one.")
+    import hashlib
+
+    folder = workdir / f"refs-{hashlib.sha256(str(Path(data).resolve()).encode()).hexdigest()[:12]}"
+    try:
+        split, faces = shard_faces(data, folder)
+    except (UserError, OSError) as e:
+        return [], f"The run's shards (`{data}`) cannot be read ({page_line(e)}): upload a face."
+    return faces, (f"Or click one of the first {len(faces)} faces of the {split} split of `{data}`: its sample key "
+                   f"goes in the box, which takes any key of the shards (several: KEY,KEY, a row each).")
+
+
+def reference_note(loaded: LoadedModel | None, picker: str) -> str:
+    """Markdown over the reference-face controls: what a reference does for this model, and where the faces to pick
+    come from (or why there are none)."""
+    if loaded is None or not loaded.embed_dim or not isinstance(loaded.embedding, dict):
+        return ""
+    name = loaded.embedding.get("encoder", {}).get("name", "?")
+    return (f"This model was trained with `--cond-embed` (encoder `{name}`): Generate makes faces like a reference "
+            f"face, cropped and resized as the shards were; the reference starts its row of the grid, and the guidance "
+            f"scale pushes towards it. Upload a face, or pick one below; with none the faces are unconditional.\n\n"
+            + picker)
 
 
 def attrs_spec(names: list[str], states: list[str]) -> str:
@@ -346,45 +524,56 @@ def generate(current: CurrentModel, app_cfg: AppConfig, workdir: Path, values: d
     """Make the faces the page asks for -> (grid PNG, one PNG per face, trajectory PNG or None, status line).
 
     values: ckpt, ema, sampler, steps, spacing, eta, seed, n, precision, trajectory, guidance, attrs (the page's
-    controls; spacing defaults to "auto").
-    Raises UserErrors (SampleError, ConfigError, CheckpointError, ...) with one-line messages.
+    controls; spacing defaults to "auto"); like_file (an uploaded reference face) and like_key (sample keys of the
+    run's shards, KEY[,KEY...]) for a --cond-embed model: one grid row per reference, the file first, each starting
+    with its reference, as sample.py --like FILE --like-key KEY draws it (the faces: every row's, in order).
+    Raises UserErrors (SampleError, ConfigError, CheckpointError, EmbedError, ...) with one-line messages.
     """
     n = int(values["n"])
     if not 1 <= n <= app_cfg.max_faces:
         raise AppError(f"faces: {n} is not in 1..{app_cfg.max_faces} (app.py --max-faces)")
+    like_files = [values["like_file"]] if values.get("like_file") else []
+    like_keys = split_list(values.get("like_key") or "")
     # eta is DDIM's noise: the slider's value is not an error for the other samplers, only unused.
     scfg = SampleConfig(ckpt=values["ckpt"], n=n, batch_size=app_cfg.batch_size, sampler=values["sampler"],
                         steps=int(values["steps"]), spacing=values.get("spacing", "auto"),
                         eta=float(values["eta"]) if values["sampler"] == "ddim" else 0.0, seed=int(values["seed"]),
                         ema=bool(values["ema"]), device=app_cfg.device, threads=app_cfg.threads,
                         precision=values["precision"], attrs=values["attrs"], guidance=float(values["guidance"]),
-                        out="grid.png", trajectory="trajectory.png" if values["trajectory"] else "")  # for check_memory
+                        like=",".join(like_files), like_key=",".join(like_keys), out="grid.png",
+                        trajectory="trajectory.png" if values["trajectory"] else "")  # for check_memory
     check_config(scfg)
     with current.lock:
         set_threads(app_cfg.threads)  # this runs on one of the server's threads, where --threads was not set
         loaded = current.get(scfg.ckpt, scfg.ema)
         check_model_settings(scfg, loaded)  # steps or an attribute the model cannot take: before any sampling
+        refs = reference_faces(current, loaded, like_files, like_keys) if like_files or like_keys else None
         console.print(f"[bold]generate[/] {dataclasses.asdict(scfg)}")
         out = Path(tempfile.mkdtemp(dir=workdir, prefix=f"{time.strftime('%H%M%S')}-seed{scfg.seed}-"))
-        total = scfg.steps * (len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
+        rows = len(refs.labels) if refs is not None else 1
+        total = scfg.steps * (rows * len(batches(n, scfg.batch_size)) + (1 if values["trajectory"] else 0))
         started = time.perf_counter()
         with counting_steps(loaded.model, total, report, current.stopping):
-            # The code path of `sample.py --out`: sample_n, then save_grid with grid_columns(n) columns.
-            images = sample_n(loaded, scfg)
-            grid = save_grid(images, out / "grid.png", nrow=grid_columns(n), padding=2)
+            if refs is None:  # the code path of `sample.py --out`: sample_n, then save_grid with grid_columns(n)
+                images = sample_n(loaded, scfg)
+                grid = save_grid(images, out / "grid.png", nrow=grid_columns(n), padding=2)
+            else:  # that of `sample.py --like ... --out` (like_grid): a labelled row per reference
+                pictures, images = like_rows(loaded, scfg, refs)
+                grid = save_grid(pictures, out / "grid.png", nrow=n + 1, padding=2, labels=refs.labels)
             faces = [atomic_write(out / f"face-{i:03d}.png", png_bytes(picture))  # as sample.py --outdir writes them
                      for i, picture in enumerate(to_uint8(images))]
-            traj = trajectory_strip(loaded, scfg, out / "trajectory.png") if values["trajectory"] else None
+            traj = trajectory_strip(loaded, scfg, out / "trajectory.png", refs) if values["trajectory"] else None
         seconds = time.perf_counter() - started
     prune(workdir)
-    status = (f"{n} faces, {scfg.sampler}-{scfg.steps}, seed {scfg.seed}, in {seconds:.1f} s on {current.device}. "
-              f"The same grid: {sample_command(scfg)}")
+    like = f" like {', '.join(refs.labels)}" if refs is not None else ""
+    status = (f"{n} faces{like}, {scfg.sampler}-{scfg.steps}, seed {scfg.seed}, in {seconds:.1f} s on "
+              f"{current.device}. The same grid: {sample_command(scfg)}")
     return grid, faces, traj, status
 
 
 def prune(workdir: Path) -> None:
     """Keep the newest KEEP_GENERATIONS folders of generated pictures (the page has copies of what it shows)."""
-    folders = sorted((p for p in workdir.iterdir() if p.is_dir() and not p.name.startswith("plot-")),
+    folders = sorted((p for p in workdir.iterdir() if p.is_dir() and not p.name.startswith(("plot-", "refs-"))),
                      key=lambda p: p.stat().st_mtime)
     for old in folders[:-KEEP_GENERATIONS]:
         shutil.rmtree(old, ignore_errors=True)
@@ -412,6 +601,10 @@ CSS = """
 #faces img { image-rendering: pixelated; }
 #faces .grid-container { grid-template-columns: repeat(auto-fill, minmax(72px, 1fr)) !important; }
 #faces .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 640px; }
+#like-faces img { image-rendering: pixelated; }
+#like-faces .grid-container { grid-template-columns: repeat(auto-fill, minmax(64px, 1fr)) !important; }
+#like-faces .caption-label { font-size: 0.7em; padding: 0 3px; max-width: 100%; }
+#like-faces .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 320px; }
 #fid table { font-size: 0.85em; width: auto; }
 #fid th, #fid td { padding: 2px 8px; }
 """
@@ -437,24 +630,61 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
     # The attribute controls are built once, from the checkpoint first shown (every checkpoint of a run has the same).
     names: list[str] = []
     startup_error = ""
+    shown: LoadedModel | None = None  # the model the page comes up with (its sections shown or hidden)
     for path in [first] + [p for _, p in checkpoint_choices(ckpt) if p != first]:
         try:
-            names = list(current.get(path, True).attributes) if path else []
+            shown = current.get(path, True) if path else None
+            names = list(shown.attributes) if shown is not None else []
             break
         except Exception as e:  # the page still comes up, with this line on it
             line = page_line(e)
             startup_error = startup_error or line
             console.print(f"[yellow]warning:[/] {line}")
 
+    pickers: dict[str | None, tuple[list[tuple[str, str]], str]] = {}  # reference_picker per shards folder
+
+    def picker(loaded: LoadedModel | None) -> tuple[list[tuple[str, str]], str]:
+        data = loaded.embedding.get("data") if encoder_key(loaded) is not None else None
+        if data not in pickers or (data and not pickers[data][0] and Path(data).is_dir()):  # shards back: read them
+            pickers[data] = reference_picker(loaded, workdir)
+        return pickers[data]
+
     def on_select(path: str, ema: bool):
-        """The checkpoint dropdown or the EMA box changed: load it and describe it, or show why it cannot load."""
+        """The checkpoint dropdown or the EMA box changed: load it and describe it, or show why it cannot load; the
+        guidance scale and the reference-face section are shown for the models that take them."""
         try:
             with current.lock:
                 loaded = current.get(path, ema)
-            return describe(loaded), attribute_note(loaded), status_html(f"{Path(path).name} loaded on {device}")
+            embeds = encoder_key(loaded) is not None
+            faces, where = picker(loaded)
+            return (describe(loaded), attribute_note(loaded), status_html(f"{Path(path).name} loaded on {device}"),
+                    gr.update(visible=loaded.conditional or embeds), gr.update(visible=embeds),
+                    reference_note(loaded, where), gr.update(value=faces or None, visible=bool(faces)),
+                    gr.update(visible=bool(faces)))
         except Exception as e:  # any failure is a line on the page; the server goes on
             return (f"**{Path(path).name if path else 'no checkpoint'}**: not loaded", "",
-                    status_html(page_line(e), True))
+                    status_html(page_line(e), True)) + (gr.update(),) * 5
+
+    def on_upload(payload: dict | None):
+        """A reference face was uploaded (its file in Gradio's cache, unprocessed): remember it for Generate (the
+        picked key is cleared: one reference at a time from the page) and say at once whether it is an image."""
+        path = (payload or {}).get("path") or ""
+        if not path:
+            return "", gr.update(), gr.update()
+        loaded = current.loaded
+        try:
+            if encoder_key(loaded) is not None:
+                reference_image(loaded.embedding, path)
+            return path, "", status_html(f"reference face {Path(path).name}: Generate makes faces like it")
+        except Exception as e:  # not an image: the one line now, and again at Generate
+            return path, "", status_html(page_line(e), True)
+
+    def on_pick(evt: gr.SelectData):
+        """A face of the shards was clicked: its sample key is the reference (the upload is cleared)."""
+        key = str((evt.value or {}).get("caption") or "") if isinstance(evt.value, dict) else ""
+        return key, None, "", status_html(f"reference key {key}: Generate makes faces like it")
+
+    on_pick.__annotations__["evt"] = gr.SelectData  # the class itself: Gradio cannot resolve "gr.SelectData" here
 
     def on_refresh(path: str):
         """Re-read the run folder: new checkpoints (training may be running), the loss curve, the FID history."""
@@ -511,11 +741,26 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
                     n = gr.Slider(1, cfg.max_faces, value=min(16, cfg.max_faces), step=1, label="faces",
                                   elem_id="n")
                     trajectory = gr.Checkbox(False, label="noise-to-face trajectory", elem_id="trajectory")
+                embeds = encoder_key(shown) is not None
+                guidance = gr.Slider(0.0, 10.0, value=1.0, step=0.1, label="guidance scale (1: plain conditional)",
+                                     elem_id="guidance", visible=bool(names) or embeds)
+                # The upload is never sent a gr.update (Gradio would rebuild it): only values, and its section's.
+                with gr.Accordion("reference face", open=True, visible=embeds, elem_id="reference") as reference:
+                    like_note = gr.Markdown(elem_id="like-note")
+                    with gr.Row():
+                        upload = gr.Image(label="reference face (upload)", type="filepath", image_mode=None,
+                                          sources=["upload", "clipboard"], elem_id="like-upload", height=180,
+                                          scale=1, min_width=160, buttons=[])
+                        with gr.Column(scale=3):
+                            like_key = gr.Textbox(label="or a sample key of the shards (empty: none)",
+                                                  elem_id="like-key", max_lines=1)
+                            picks = gr.Gallery(label="faces of the run's shards (click one)", columns=12,
+                                               height="auto", allow_preview=False, elem_id="like-faces",
+                                               buttons=[], format="png")
+                    like_file = gr.State("")  # the uploaded face's file (in Gradio's cache), as uploaded
                 radios: list[Any] = []
                 with gr.Accordion("attributes", open=True, visible=bool(names)):
                     note = gr.Markdown(elem_id="attr-note")
-                    guidance = gr.Slider(0.0, 10.0, value=1.0, step=0.1, label="guidance scale (1: plain conditional)",
-                                         elem_id="guidance")
                     for row in range(math.ceil(len(names) / 4)):
                         with gr.Row():
                             for name in names[row * 4:row * 4 + 4]:
@@ -533,13 +778,18 @@ def build_page(cfg: AppConfig, device: torch.device, workdir: Path,
 
         controls = {"ckpt": dropdown, "ema": ema, "sampler": sampler, "steps": steps, "spacing": spacing, "eta": eta,
                     "seed": seed,
-                    "n": n, "precision": precision, "trajectory": trajectory, "guidance": guidance}
+                    "n": n, "precision": precision, "trajectory": trajectory, "guidance": guidance,
+                    "like_file": like_file, "like_key": like_key}
+        selected = [info, note, status, guidance, reference, like_note, picks, like_key]
         for trigger in (dropdown.change, ema.change):
-            trigger(on_select, [dropdown, ema], [info, note, status])
+            trigger(on_select, [dropdown, ema], selected)
+        # Unprocessed: gr.Image would open the file itself and fail with no message on one that is not an image.
+        upload.upload(on_upload, [upload], [like_file, like_key, status], preprocess=False)
+        upload.clear(lambda: "", None, [like_file])
+        picks.select(on_pick, None, [like_key, upload, like_file, status])
         refresh.click(on_refresh, [dropdown], [dropdown, loss, fids])
         generate_button.click(on_generate, set(controls.values()) | set(radios), [grid, faces, traj, status])
-        page.load(on_refresh, [dropdown], [dropdown, loss, fids]).then(on_select, [dropdown, ema],
-                                                                       [info, note, status])
+        page.load(on_refresh, [dropdown], [dropdown, loss, fids]).then(on_select, [dropdown, ema], selected)
     return page, theme
 
 

@@ -4,6 +4,10 @@ The app runs as `python app.py --ckpt RUN --port FREE --device cpu` in a subproc
 Chromium (`apt-get install -y chromium`; Playwright's own browser download is not used). Without Chromium, Playwright
 or Gradio the browser tests are skipped with the reason. DDPM_CHROMIUM=PATH picks another Chromium.
 
+A model trained with --cond-embed (a real tiny run: judge.py, embed.py, train.py --cond-embed on a copy of the test
+shards) takes a reference face: the function layer against `sample.py --like`, and one browser pass (upload, pick a
+face of the shards, a file that is not an image).
+
 README screenshot: `DDPM_APP_SCREENSHOT=docs/app.png [DDPM_APP_RUN=demo/run] pytest tests/test_app.py -k generate`
 saves the page after Generate (16 faces, DDIM-25 when DDPM_APP_RUN is given), by the code path of the test itself.
 """
@@ -204,6 +208,7 @@ def test_generate_gives_sample_py_bytes_offline(browser, server: str, run: Path,
     newest = sorted((run / "checkpoints").glob("step-*.pt"))[-2]  # the newest that loads
     assert newest.name in info and "images seen" in info and "parameters" in info and "EMA" in info, info
     assert "unconditional" in info and not page.locator("#attr-Smiling").count()
+    assert not page.locator("#like-upload").is_visible() and not page.locator("#guidance").is_visible()
     assert page.locator("#loss img").count() == 1  # the run's loss curve (pictures.loss_plot)
 
     line = generate(page, seed=3, n=n, steps=steps)
@@ -284,6 +289,174 @@ def test_conditional_model_attribute_controls(browser, cond_run: Path, tmp_path_
 
 
 # ------------------------------------------------------------------------------------------------ without a browser
+
+# ------------------------------------------------------------------------------------------------ reference faces
+
+@pytest.fixture(scope="module")
+def embed_run(tmp_path_factory: pytest.TempPathFactory, shards: Path) -> Path:
+    """A real --cond-embed run (one checkpoint, step 2) on a copy of the test shards with the attribute judge's
+    embeddings (judge.py, embed.py --encoder judge, train.py --cond-embed: about 10 s on one thread)."""
+    root = tmp_path_factory.mktemp("app-embed")
+    data, run = root / "shards", root / "run"
+    shutil.copytree(shards, data)
+    for script, *args in (("judge.py", "--data", data, "--epochs", "1", "--device", "cpu"),
+                          ("embed.py", "--data", data, "--encoder", "judge", "--device", "cpu"),
+                          ("train.py", "--data", data, "--out", run, "--preset", "tiny", "--cond-embed", "--steps",
+                           "2", "--batch-size", "4", "--device", "cpu", "--loader", "torch", "--warmup", "1",
+                           "--ckpt-every", "2", "--sample-every", "0")):
+        proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=root, capture_output=True,
+                              text=True, timeout=300, env=one_thread_env())
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return run
+
+
+@pytest.fixture(scope="module")
+def face(celeba_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A face file as a user has one: an aligned CelebA-layout JPEG (178 x 218), named face.jpg."""
+    path = tmp_path_factory.mktemp("app-face") / "face.jpg"
+    shutil.copy(next(iter(sorted((celeba_src / "img_align_celeba").glob("*.jpg")))), path)
+    return path
+
+
+LIKE = {"ema": True, "sampler": "ddim", "steps": 3, "spacing": "auto", "eta": 0.0, "seed": 1, "n": 2,
+        "precision": "fp32", "trajectory": False, "guidance": 2.0, "attrs": ""}
+
+
+def first_tile(grid: Path, n: int, size: int) -> Any:
+    """The first picture of a grid of rows of n + 1 (a reference, then n faces), right of its label margin."""
+    import numpy as np
+    from PIL import Image
+
+    picture = np.asarray(Image.open(grid).convert("RGB"))
+    x = picture.shape[1] - ((n + 1) * (size + 2) + 2) + 2
+    return picture[2:2 + size, x:x + size]
+
+
+def test_reference_face_generate_matches_sample_py(embed_run: Path, face: Path, tmp_path: Path):
+    """For a --cond-embed model, Generate with an uploaded face or a sample key of the shards draws the reference
+    first in its row, as prepared by embed.py (the bytes of sample.py --like / --like-key); the encoder loads once;
+    a file that is not an image is one line; without a reference the model samples unconditionally."""
+    import dataclasses
+
+    import torch
+
+    import embed
+    from grids import to_uint8
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the sample.py subprocess (OMP_NUM_THREADS=1): the same float rounding
+    try:
+        ckpt = str(next((embed_run / "checkpoints").glob("step-*.pt")))
+        current, work = app.CurrentModel(torch.device("cpu")), tmp_path / "work"
+        work.mkdir()
+        cfg = app.AppConfig(ckpt=ckpt)
+        loaded = current.get(ckpt, True)
+        record = loaded.embedding
+        assert loaded.embed_dim > 0 and "reference face" in app.describe(loaded)
+        picks, where = app.reference_picker(loaded, work)  # the valid split's 20 faces (fewer than REFERENCE_FACES)
+        assert len(picks) == 20 and "valid split" in where and all(Path(p).is_file() for p, _ in picks), where
+        key = picks[3][1]
+
+        grid, faces, _, line = app.generate(current, cfg, work, {**LIKE, "ckpt": ckpt, "like_file": str(face)})
+        assert line.startswith("2 faces like face, ") and f"--like {face}" in line, line
+        prepared = to_uint8(embed.prepare_reference(face, record["shards"])[None])[0]
+        assert (first_tile(grid, 2, loaded.image_size) == prepared).all()
+        encoder = current.reference_encoder
+        assert encoder is not None and len(faces) == 2
+
+        grid, _, _, line = app.generate(current, cfg, work, {**LIKE, "ckpt": ckpt, "like_key": key})
+        assert line.startswith(f"2 faces like {key}, ") and f"--like-key {key}" in line, line
+        image, split, _ = embed.shard_image(record["data"], key)
+        assert split == "valid" and (first_tile(grid, 2, loaded.image_size) == to_uint8(image[None])[0]).all()
+        assert current.reference_encoder is encoder  # loaded once, kept
+
+        # Both: one row each, the file first: the bytes sample.py writes for --like FILE --like-key KEY.
+        grid, faces, _, line = app.generate(current, cfg, work,
+                                            {**LIKE, "ckpt": ckpt, "like_file": str(face), "like_key": key})
+        ref = run_sample_py(tmp_path, "--ckpt", ckpt, "--n", "2", "--steps", "3", "--seed", "1", "--guidance", "2",
+                            "--like", str(face), "--like-key", key)
+        assert grid.read_bytes() == (ref / "grid.png").read_bytes()
+        assert faces[0].read_bytes() == (ref / "faces" / "000000.png").read_bytes()  # image 0: like the file
+
+        bad = tmp_path / "not-a-face.png"
+        bad.write_text("this is not an image\n")
+        with pytest.raises(app.AppError) as e:
+            app.generate(current, cfg, work, {**LIKE, "ckpt": ckpt, "like_file": str(bad)})
+        assert app.page_line(e.value) == "reference face not-a-face.png: cannot read it as an image (cannot identify " \
+                                         "image file)", app.page_line(e.value)
+        with pytest.raises(app.AppError, match="no such reference image"):
+            app.generate(current, cfg, work, {**LIKE, "ckpt": ckpt, "like_file": str(tmp_path / "gone.jpg")})
+
+        grid, _, _, line = app.generate(current, cfg, work, {**LIKE, "ckpt": ckpt})  # no reference: as before
+        assert line.startswith("2 faces, ") and "--like" not in line, line
+        from PIL import Image
+
+        assert Image.open(grid).size == (2 * (loaded.image_size + 2) + 2, loaded.image_size + 4)  # no label margin
+
+        # The run's shards elsewhere: nothing to pick (the page says why), a key is one line, an upload still works.
+        moved = dataclasses.replace(loaded, embedding={**record, "data": str(tmp_path / "elsewhere")})
+        assert app.reference_picker(moved, work) == ([], app.reference_picker(moved, work)[1])
+        assert "not on this machine" in app.reference_picker(moved, work)[1]
+        with pytest.raises(app.AppError, match=f"reference key {key}: the run's shards folder .* is not here"):
+            app.reference_faces(current, moved, [], [key])
+        assert app.reference_faces(current, moved, [str(face)], []).labels == ["face"]
+        plain = dataclasses.replace(loaded, model_config={**loaded.model_config, "embed_dim": 0}, embedding=None)
+        with pytest.raises(app.AppError, match="not trained with --cond-embed"):
+            app.reference_faces(current, plain, [str(face)], [])
+        assert app.reference_picker(plain, work) == ([], "") and app.reference_note(plain, "") == ""
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reference_face_in_the_browser(browser, embed_run: Path, face: Path, tmp_path_factory: pytest.TempPathFactory,
+                                       tmp_path: Path):
+    """The page of a --cond-embed model: the reference section and the guidance scale are shown, an uploaded face
+    gives the grid app.generate (hence sample.py --like) makes, a clicked face of the shards fills its key and clears
+    the upload, and a file that is not an image is the one line, at upload and at Generate."""
+    import torch
+    ckpt = next((embed_run / "checkpoints").glob("step-*.pt"))
+    with serving(embed_run, tmp_path_factory.mktemp("app-embed-server")) as url:
+        page = open_page(browser, url)
+        assert "reference face" in page.inner_text("#info") and page.locator("#guidance").is_visible()
+        assert "--cond-embed" in page.inner_text("#like-note") and page.locator("#like-faces img").count() == 20
+
+        before = serial(page)
+        page.set_input_files("#like-upload input[type=file]", str(face))
+        page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b", arg=before)
+        assert status(page) == "reference face face.jpg: Generate makes faces like it", status(page)
+        line = generate(page, seed=1, n=2, steps=3, guidance=2)
+        assert line.startswith("2 faces like face, ") and "--like " in line, line
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the app (OMP_NUM_THREADS=1)
+        try:
+            work = tmp_path / "work"
+            work.mkdir()
+            grid, *_ = app.generate(app.CurrentModel(torch.device("cpu")), app.AppConfig(ckpt=str(ckpt)), work,
+                                    {**LIKE, "ckpt": str(ckpt), "like_file": str(face)})
+        finally:
+            torch.set_num_threads(threads)
+        assert shown_bytes(page, "#grid img") == grid.read_bytes()
+
+        before = serial(page)
+        page.locator("#like-faces .thumbnail-item").nth(3).click()
+        page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b", arg=before)
+        key = page.input_value("#like-key textarea, #like-key input")
+        assert key and status(page) == f"reference key {key}: Generate makes faces like it", status(page)
+        assert not page.locator("#like-upload img").count()  # the upload is cleared: one reference
+        line = generate(page, n=2, steps=3)
+        assert line.startswith(f"2 faces like {key}, ") and f"--like-key {key}" in line, line
+
+        bad = tmp_path / "not-a-face.png"
+        bad.write_text("this is not an image\n")
+        before = serial(page)
+        page.set_input_files("#like-upload input[type=file]", str(bad))
+        page.wait_for_function("b => document.querySelector('#status .status-line').dataset.serial !== b", arg=before)
+        message = "error: reference face not-a-face.png: cannot read it as an image (cannot identify image file)"
+        assert status(page) == message and not page.input_value("#like-key textarea, #like-key input")
+        assert generate(page) == message
+        assert_offline(page, url)
+        page.close()
+
 
 def test_attrs_spec_and_sample_command():
     assert app.attrs_spec(["A", "B", "C"], ["yes", "free", "no"]) == "A=1,C=0"
@@ -407,11 +580,11 @@ def test_requests_from_other_sites_are_refused(server: str):
 
 
 def test_uploads_are_capped(server: str):
-    """Gradio's upload route cannot be switched off (the page takes no uploads); max_file_size caps it at 1 MB."""
+    """Gradio's upload route (the page takes a reference face there) is capped by max_file_size at 16 MB."""
     body, headers = multipart("small.bin", b"x" * 1000)
     status, text = request(server, "gradio_api/upload", body, headers)
     assert status == 200 and "small.bin" in text, (status, text)  # the route is there: the cap is what refuses
-    body, headers = multipart("big.bin", b"x" * 2_000_000)
+    body, headers = multipart("big.bin", b"x" * 17_000_000)
     status, text = request(server, "gradio_api/upload", body, headers)
     assert status == 413 and "maximum allowed size" in text, (status, text)
 
