@@ -180,6 +180,12 @@ class SampleIndex:
         # File descriptors and the memory map stay with their process (a pickled memmap would copy the array).
         return {**self.__dict__, "_fds": {}, "_pid": -1, "_embed": None}
 
+    def close(self) -> None:
+        """Close the tar files this process opened (a short-lived index: embed.shard_image)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
     @property
     def embed_dim(self) -> int:
         return int(self.embeddings().shape[1]) if self.embed_path else 0

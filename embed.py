@@ -365,7 +365,10 @@ def shard_image(data_dir: str | Path, key: str) -> tuple[torch.Tensor, str, int]
             raise EmbedError(f"{data_dir / MANIFEST}: --like-key {key}: split {split!r} has {len(index)} samples")
         if key in index.keys or (by_number and by_number.group(1) == split):
             i = index.keys.index(key) if key in index.keys else int(by_number.group(2))
-            data, _, _ = index.read(i)
+            try:
+                data, _, _ = index.read(i)
+            finally:
+                index.close()
             img = webdataset.autodecode.imagehandler("rgb8")(manifest["format"], bytes(index.image_bytes(data, i)))
             return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1, split, i
     raise EmbedError(f"{data_dir / MANIFEST}: no sample with key {key!r} in {', '.join(splits)}")
