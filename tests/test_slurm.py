@@ -93,7 +93,9 @@ def test_warned_job_checkpoints_requeues_and_finishes(slurm: dict[str, str], sha
     assert run(["scancel", "--signal=USR1", "--batch", job_id], env).returncode == 0  # the time limit's warning
 
     # The first start: a checkpoint at the stop, then the job back in the queue.
-    info = wait_for("the requeue", lambda: (i := job(env, job_id)).get("JobState") == "PENDING" and i, log)
+    # The scheduler sets the Reason on its next pass: a loaded machine can show PENDING with Reason=None first.
+    info = wait_for("the requeue", lambda: (i := job(env, job_id)).get("JobState") == "PENDING"
+                    and i.get("Reason") != "None" and i, log)
     assert info["Restarts"] == "1" and info["Reason"] == "BeginTime", info
     stop = json.loads(status.read_text())
     assert stop["status"] == "stopped" and stop["signal"] == "SIGUSR1" and 5 <= stop["step"] < 40, stop
@@ -158,7 +160,9 @@ def test_a_preempted_job_checkpoints_and_requeues(slurm: dict[str, str], shards:
     wait_for("step 3", lambda: (logged_steps(out) or [0])[-1] >= 3, log)
     urgent = submit(env, tmp_path, tmp_path / "urgent.out", options=("-p", "urgent", "--exclusive",
                                                                      "--wrap=sleep 1"), script=None)
-    info = wait_for("the requeue", lambda: (i := job(env, job_id)).get("JobState") == "PENDING" and i, log)
+    # The scheduler sets the Reason on its next pass: a loaded machine can show PENDING with Reason=None first.
+    info = wait_for("the requeue", lambda: (i := job(env, job_id)).get("JobState") == "PENDING"
+                    and i.get("Reason") != "None" and i, log)
     stop = json.loads(status.read_text())
     assert info["Restarts"] == "1" and stop["status"] == "stopped" and stop["signal"] == "SIGTERM", (info, stop)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [f"step-{stop['step']:08d}.pt"]
