@@ -8,9 +8,9 @@
 
 Encoders (`--encoder`):
 - DINOv2 (`transformers.Dinov2Model`): a hub name or a local folder. The embedding is the CLS token after the final
-  layer norm (`pooler_output`): DINOv2's image-level feature, the one its linear probes read. The face (the shard
-  image, already cropped) is resized whole to the processor's crop size (224) and normalised with its mean and std
-  (ImageNet's when the folder has no preprocessor_config.json).
+  layer norm (`pooler_output`): DINOv2's image-level feature (its linear probes read it, beside the mean patch
+  token). The face (the shard image, already cropped) is resized whole to the processor's crop size (224) and
+  normalised with its mean and std (ImageNet's when the folder has no preprocessor_config.json).
 - the project's attribute judge (`judge`: SHARDS/judge.pt, or a judge file's path): its penultimate features, the
   global average pool before the attribute logits. Small, trained here (judge.py), so everything works offline.
 
