@@ -423,23 +423,19 @@ def shard_faces(data: str | os.PathLike, folder: Path,
     """The first `limit` faces of the shards' valid split (else test), for the page to offer as references ->
     (split, [(picture file, sample key)]). The pictures are the shard images' own bytes, written into `folder`; the
     face a key gives to Generate is read again by embed.shard_image, as sample.py --like-key reads it."""
-    from data import SampleIndex, _check_shards  # as embed.shard_image reads the shards
+    from data import SampleIndex  # as embed.shard_image reads the shards
     from manifest import read_manifest
 
     data = Path(data)
     split = reference_split(data)
     manifest = read_manifest(data)
-    index = SampleIndex(data, _check_shards(data, manifest, split, False), manifest["format"],
-                        len(manifest.get("attributes") or []))
+    index = SampleIndex.of_split(data, manifest, split)
     folder.mkdir(parents=True, exist_ok=True)
-    faces = []
-    for i in range(min(limit, len(index))):
-        key = index.keys[i]
-        offset, length = index.img[i]
-        with open(index.tars[index.tar_ids[i]], "rb") as f:
-            f.seek(int(index.offsets[i]) + int(offset))
-            picture = f.read(int(length))
-        faces.append((str(atomic_write(folder / f"{i:03d}.{manifest['format']}", picture)), key))
+    try:
+        faces = [(str(atomic_write(folder / f"{i:03d}.{manifest['format']}", index.image(i))), index.keys[i])
+                 for i in range(min(limit, len(index)))]
+    finally:
+        index.close()
     return split, faces
 
 

@@ -173,6 +173,13 @@ class SampleIndex:
         self._fds: dict[int, int] = {}
         self._pid = -1
 
+    @classmethod
+    def of_split(cls, data_dir: Path, manifest: dict, split: str) -> SampleIndex:
+        """A split's index for reading a few of its samples by number or key (the shards checked as the loaders check
+        them, without their checksums): sample.py --like-key, the app's reference faces, evaluate.py's likeness."""
+        return cls(data_dir, _check_shards(data_dir, manifest, split, False), manifest["format"],
+                   len(manifest.get("attributes") or []))
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -217,6 +224,10 @@ class SampleIndex:
     def image_bytes(self, data: bytes, i: int) -> memoryview:
         o, n = self.img[i]
         return memoryview(data)[o:o + n]
+
+    def image(self, i: int) -> bytes:
+        """Sample i's encoded image (the shard's own bytes)."""
+        return bytes(self.image_bytes(self.read(i)[0], i))
 
     def attributes(self, data: bytes, i: int) -> np.ndarray:
         return np.frombuffer(data, np.int8, self.num_attrs, int(self.attr[i]))

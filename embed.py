@@ -349,7 +349,7 @@ def shard_image(data_dir: str | Path, key: str) -> tuple[torch.Tensor, str, int]
     split has it."""
     import webdataset.autodecode
 
-    from data import SampleIndex, _check_shards
+    from data import SampleIndex
 
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
@@ -359,17 +359,16 @@ def shard_image(data_dir: str | Path, key: str) -> tuple[torch.Tensor, str, int]
     if by_number and by_number.group(1) in manifest["splits"]:
         splits = [by_number.group(1)]
     for split in splits:
-        index = SampleIndex(data_dir, _check_shards(data_dir, manifest, split, False), manifest["format"],
-                            len(manifest.get("attributes") or []))
+        index = SampleIndex.of_split(data_dir, manifest, split)
         if by_number and by_number.group(1) == split and int(by_number.group(2)) >= len(index):
             raise EmbedError(f"{data_dir / MANIFEST}: --like-key {key}: split {split!r} has {len(index)} samples")
         if key in index.keys or (by_number and by_number.group(1) == split):
             i = index.keys.index(key) if key in index.keys else int(by_number.group(2))
             try:
-                data, _, _ = index.read(i)
+                encoded = index.image(i)
             finally:
                 index.close()
-            img = webdataset.autodecode.imagehandler("rgb8")(manifest["format"], bytes(index.image_bytes(data, i)))
+            img = webdataset.autodecode.imagehandler("rgb8")(manifest["format"], encoded)
             return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1, split, i
     raise EmbedError(f"{data_dir / MANIFEST}: no sample with key {key!r} in {', '.join(splits)}")
 

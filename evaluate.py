@@ -457,15 +457,16 @@ def best_attributes(judge: Judge) -> list[str]:
 
 def split_faces(data: Path, manifest: dict, split: str, ids: list[int]) -> tuple[torch.Tensor, list[str]]:
     """Samples `ids` of a split (numbers in manifest order) -> ([N, 3, S, S] float32 in [-1, 1], their keys)."""
-    from data import SampleIndex, _check_shards  # noqa: PLC0415  (the loaders only for this metric)
+    from data import SampleIndex  # noqa: PLC0415  (the loaders only for this metric)
 
-    index = SampleIndex(data, _check_shards(data, manifest, split, False), manifest["format"],
-                        len(manifest.get("attributes") or []))
+    index = SampleIndex.of_split(data, manifest, split)
     images = []
-    for i in ids:
-        raw, _, _ = index.read(i)
-        with Image.open(io.BytesIO(bytes(index.image_bytes(raw, i)))) as im:
-            images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+    try:
+        for i in ids:
+            with Image.open(io.BytesIO(index.image(i))) as im:
+                images.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+    finally:
+        index.close()
     return torch.stack(images).float() / 127.5 - 1, [index.keys[i] for i in ids]
 
 
