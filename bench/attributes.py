@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -62,20 +60,6 @@ class AttributesConfig:
     BOUNDS: ClassVar[dict] = {"count": ">= 100", "size": ">= 16", "steps": ">= 1", "batch_size": ">= 1",
                               "lr": "> 0", "warmup": ">= 0", "ema_decay": "0..1", "judge_n": ">= 1",
                               "sample_steps": ">= 1", "threads": ">= 1", "min_snr_gamma": ">= 0"}
-
-
-def run(cmd: list[str], log: Path) -> float:
-    """Run one step's command, its output to `log`; returns its wall time. Exits with the log's tail on failure."""
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {cmd[1]} failed (exit {proc.returncode}); see {log}:\n"
-                         + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    print(f"  {seconds:.0f} s", flush=True)
-    return seconds
 
 
 def targets(rep: dict) -> list[dict]:
@@ -168,28 +152,27 @@ def main(cfg: AttributesConfig) -> dict:
     t0 = time.perf_counter()
     load = common.machine()
 
+    def step(name: str, cmd: list[str]) -> None:
+        seconds[name] = common.run_step(cmd, out / f"{name}.log")[0]
+
     if not (shards / "manifest.json").is_file():
-        seconds["fake_celeba"] = run([py, "fake_celeba.py", "--out", str(src), "--count", str(cfg.count)],
-                                     out / "fake_celeba.log")
-        seconds["prepare_shards"] = run([py, "prepare_shards.py", "--src", str(src), "--out", str(shards), "--size",
-                                         str(cfg.size), "--samples-per-shard", "1000"], out / "prepare_shards.log")
+        step("fake_celeba", [py, "fake_celeba.py", "--out", str(src), "--count", str(cfg.count)])
+        step("prepare_shards", [py, "prepare_shards.py", "--src", str(src), "--out", str(shards), "--size",
+                                str(cfg.size), "--samples-per-shard", "1000"])
     if not judge.is_file():
-        seconds["judge"] = run([py, "judge.py", "--data", str(shards), "--out", str(judge)] + th, out / "judge.log")
+        step("judge", [py, "judge.py", "--data", str(shards), "--out", str(judge)] + th)
     # Resumes by itself if this script was interrupted (train.py continues from the newest checkpoint).
-    seconds["train"] = run([py, "train.py", "--data", str(shards), "--out", str(run_dir), "--preset", "tiny", "--cond",
-                            "--objective", "v", "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
-                            "--lr", str(cfg.lr), "--warmup", str(cfg.warmup), "--ema-decay", str(cfg.ema_decay),
-                            "--min-snr-gamma", str(cfg.min_snr_gamma),
-                            "--scale-shift-norm" if cfg.scale_shift_norm else "--no-scale-shift-norm",
-                            "--device", "cpu", "--ckpt-every", "500", "--sample-every", "500", "--log-every", "100"]
-                           + th, out / "train.log")
-    seconds["evaluate"] = run([py, "evaluate.py", "--ckpt", str(run_dir), "--metrics", "attrs", "--judge", str(judge),
-                               "--judge-attrs", cfg.attrs, "--judge-guidance", "1,3", "--judge-n", str(cfg.judge_n),
-                               "--steps", str(cfg.sample_steps), "--device", "cpu", "--out",
-                               str(out / "eval.json")] + th, out / "evaluate.log")
-    seconds["sweep"] = run([py, "sample.py", "--ckpt", str(run_dir), "--sweep", cfg.attrs, "--n", "8", "--guidance",
-                            "3", "--steps", str(cfg.sample_steps), "--device", "cpu", "--out",
-                            str(out / "sweep.png")] + th, out / "sweep.log")
+    step("train", [py, "train.py", "--data", str(shards), "--out", str(run_dir), "--preset", "tiny", "--cond",
+                   "--objective", "v", "--steps", str(cfg.steps), "--batch-size", str(cfg.batch_size),
+                   "--lr", str(cfg.lr), "--warmup", str(cfg.warmup), "--ema-decay", str(cfg.ema_decay),
+                   "--min-snr-gamma", str(cfg.min_snr_gamma),
+                   "--scale-shift-norm" if cfg.scale_shift_norm else "--no-scale-shift-norm",
+                   "--device", "cpu", "--ckpt-every", "500", "--sample-every", "500", "--log-every", "100"] + th)
+    step("evaluate", [py, "evaluate.py", "--ckpt", str(run_dir), "--metrics", "attrs", "--judge", str(judge),
+                      "--judge-attrs", cfg.attrs, "--judge-guidance", "1,3", "--judge-n", str(cfg.judge_n),
+                      "--steps", str(cfg.sample_steps), "--device", "cpu", "--out", str(out / "eval.json")] + th)
+    step("sweep", [py, "sample.py", "--ckpt", str(run_dir), "--sweep", cfg.attrs, "--n", "8", "--guidance", "3",
+                   "--steps", str(cfg.sample_steps), "--device", "cpu", "--out", str(out / "sweep.png")] + th)
     t1 = time.perf_counter()
     attrs = [a.strip() for a in cfg.attrs.split(",") if a.strip()]
     sensitivity = label_sensitivity(run_dir, shards, attrs, cfg.threads)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,3 +208,36 @@ def write_json(path: str, report: dict) -> None:
 
     if path:
         atomic_write(path, (json.dumps(report, indent=1) + "\n").encode())  # makes the folder
+
+
+def run_step(cmd: list[str], log: Path, budget_s: float = 0.0, loads: list[float] | None = None) -> tuple[float, bool]:
+    """Run one of a proof's commands from the repository's root (printed, so that it can be rerun by hand), its
+    output to `log`; returns its wall time and whether the budget stopped it. Once a minute the machine's 1-minute load
+    is appended to `loads` (other jobs share it). With budget_s > 0 the command gets SIGTERM when it has run that long
+    (train.py then finishes its step, writes a checkpoint and exits 0). Exits with the log's tail on failure."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    stopped = False
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                try:
+                    returncode = proc.wait(timeout=60)
+                    break
+                except subprocess.TimeoutExpired:
+                    if loads is not None:
+                        loads.append(round(os.getloadavg()[0], 2))
+                    if budget_s and time.perf_counter() - t0 >= budget_s and not stopped:
+                        print(f"  wall-time budget of {budget_s / 60:g} min reached: SIGTERM", flush=True)
+                        proc.send_signal(signal.SIGTERM)
+                        stopped = True
+        except BaseException:
+            proc.kill()
+            raise
+    seconds = time.perf_counter() - t0
+    if returncode != 0:
+        raise SystemExit(f"error: {cmd[1]} failed (exit {returncode}); see {log}:\n"
+                         + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    print(f"  {seconds:.0f} s", flush=True)
+    return seconds, stopped

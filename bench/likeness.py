@@ -27,13 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -78,46 +73,12 @@ class LikenessConfig:
 LOADS: dict[str, list[float]] = {}  # step name -> the 1-minute load average sampled each minute while it ran
 
 
-def run(cmd: list[str], log: Path, budget_s: float = 0.0) -> tuple[float, bool]:
-    """Run one step's command, its output to `log`; returns its wall time and whether the budget stopped it. With
-    budget_s > 0 the command gets SIGTERM when it has run that long (train.py then finishes its step, writes a
-    checkpoint and exits 0). Exits with the log's tail on failure."""
-    print(f"$ {shlex.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    stopped = False
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        try:
-            while True:  # the machine's 1-minute load once a minute (other jobs share it)
-                try:
-                    returncode = proc.wait(timeout=60)
-                    break
-                except subprocess.TimeoutExpired:
-                    LOADS.setdefault(log.stem, []).append(round(os.getloadavg()[0], 2))
-                    if budget_s and time.perf_counter() - t0 >= budget_s and not stopped:
-                        print(f"  wall-time budget of {budget_s / 60:g} min reached: SIGTERM", flush=True)
-                        proc.send_signal(signal.SIGTERM)
-                        stopped = True
-        except BaseException:
-            proc.kill()
-            raise
-    seconds = time.perf_counter() - t0
-    if returncode != 0:
-        raise SystemExit(f"error: {cmd[1]} failed (exit {returncode}); see {log}:\n"
-                         + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    print(f"  {seconds:.0f} s", flush=True)
-    return seconds, stopped
-
-
 def valid_keys(shards: Path, n: int) -> list[str]:
     """The sample keys of the first n faces of the valid split (manifest order)."""
-    from data import SampleIndex, _check_shards
+    from data import SampleIndex
     from embed import read_manifest
 
-    manifest = read_manifest(shards)
-    index = SampleIndex(shards, _check_shards(shards, manifest, "valid", False), manifest["format"],
-                        len(manifest.get("attributes") or []))
-    return list(index.keys[:n])
+    return list(SampleIndex.of_split(shards, read_manifest(shards), "valid").keys[:n])
 
 
 def train_record(run_dir: Path) -> dict:
@@ -216,7 +177,7 @@ def main(cfg: LikenessConfig) -> dict:
     load = common.machine()
 
     def step(name: str, cmd: list[str], budget_s: float = 0.0) -> bool:
-        seconds[name], stopped = run(cmd, out / f"{name}.log", budget_s)
+        seconds[name], stopped = common.run_step(cmd, out / f"{name}.log", budget_s, LOADS.setdefault(name, []))
         common.write_json(str(times_path), seconds)
         return stopped
 
@@ -276,7 +237,7 @@ def main(cfg: LikenessConfig) -> dict:
         "picture": {"path": str(picture), "keys": keys,
                     "rows": "per reference: guidance 0 (unconditional), then " + cfg.guidance},
     }
-    report["seconds"]["total"] = round(sum(v for k, v in report["seconds"].items()), 1)
+    report["seconds"]["total"] = round(sum(report["seconds"].values()), 1)
     md = markdown(rep, report)
     print(md)
     if cfg.json:
